@@ -1,0 +1,253 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+
+	"github.com/meshless/meshless/pkg/agent"
+	"github.com/meshless/meshless/pkg/capture"
+	"github.com/meshless/meshless/pkg/enroll"
+	meshtls "github.com/meshless/meshless/pkg/tls"
+	"github.com/meshless/meshless/pkg/tunnel"
+)
+
+type runFlags struct {
+	node         string
+	trustDomain  string
+	caDir        string
+	stateDir     string
+	socket       string
+	mode         string
+	meshCIDRs    prefixList
+	strictEgress bool
+	workloads    string
+	healthAddr   string
+	logLevel     string
+	svidTTL      time.Duration
+}
+
+// prefixList is a repeatable CIDR flag.
+type prefixList []netip.Prefix
+
+func (p *prefixList) String() string {
+	s := make([]string, len(*p))
+	for i, v := range *p {
+		s[i] = v.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func (p *prefixList) Set(v string) error {
+	for _, part := range strings.Split(v, ",") {
+		pfx, err := netip.ParsePrefix(strings.TrimSpace(part))
+		if err != nil {
+			return err
+		}
+		*p = append(*p, pfx.Masked())
+	}
+	return nil
+}
+
+func parseRunFlags(args []string) (*runFlags, error) {
+	f := &runFlags{}
+	host, _ := os.Hostname()
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.StringVar(&f.node, "node-name", envOr("NODE_NAME", host), "name of this node (default $NODE_NAME or the host name)")
+	fs.StringVar(&f.trustDomain, "trust-domain", "cluster.local", "SPIFFE trust domain of the cluster")
+	fs.StringVar(&f.caDir, "ca-dir", "/etc/meshless/ca", "directory holding ca.crt and ca.key (meshlessd ca init)")
+	fs.StringVar(&f.stateDir, "state-dir", "/var/lib/meshless", "directory for enrolled pods' records and the iptables backend decision")
+	fs.StringVar(&f.socket, "socket", enroll.DefaultSocket, "unix socket the CNI plugin enrolls pods on")
+	fs.StringVar(&f.mode, "mode", string(tunnel.Strict), "inbound plaintext from outside the mesh: strict (refuse) or permissive (forward)")
+	fs.Var(&f.meshCIDRs, "mesh-cidr", "destination CIDR that answers meshless mTLS (pod and service CIDRs); repeatable")
+	fs.BoolVar(&f.strictEgress, "strict-egress", false, "refuse outbound connections to destinations outside the mesh CIDRs")
+	fs.StringVar(&f.workloads, "workloads", "", `JSON file mapping "namespace/name" to a service account (outside Kubernetes)`)
+	fs.StringVar(&f.healthAddr, "health-addr", "127.0.0.1:15021", "address of /healthz and /readyz (empty: off)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.DurationVar(&f.svidTTL, "svid-ttl", 24*time.Hour, "lifetime of minted SVIDs; they are renewed at half-life")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if f.node == "" {
+		return nil, errors.New("--node-name is required (no host name found)")
+	}
+	if len(f.meshCIDRs) == 0 {
+		return nil, errors.New("at least one --mesh-cidr is required: without it no destination gets mTLS")
+	}
+	if f.svidTTL < 2*time.Second {
+		return nil, fmt.Errorf("--svid-ttl %s: too short to renew at half-life", f.svidTTL)
+	}
+	return f, nil
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
+	}
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l})), nil
+}
+
+func runCmd(args []string, stdout io.Writer) error {
+	f, err := parseRunFlags(args)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(stdout, f.logLevel)
+	if err != nil {
+		return err
+	}
+	td, err := spiffeid.TrustDomainFromString(f.trustDomain)
+	if err != nil {
+		return fmt.Errorf("--trust-domain: %w", err)
+	}
+	mode, err := tunnel.ParseMode(f.mode)
+	if err != nil {
+		return fmt.Errorf("--mode: %w", err)
+	}
+	workloads, err := meshtls.LoadWorkloads(f.workloads)
+	if err != nil {
+		return err
+	}
+	ca, err := meshtls.LoadCA(f.caDir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(f.stateDir, 0o700); err != nil {
+		return fmt.Errorf("--state-dir: %w", err)
+	}
+	backend, err := capture.LoadOrDetectBackend(f.stateDir)
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	source := meshtls.NewCASource(ca, td, f.svidTTL, log)
+	configs := meshtls.NewConfigs(source, tlsconfig.AuthorizeMemberOf(td))
+	proxy, err := tunnel.New(tunnel.Config{
+		TLS:          configs,
+		Mesh:         f.meshCIDRs,
+		Mode:         mode,
+		StrictEgress: f.strictEgress,
+		Log:          log,
+	})
+	if err != nil {
+		return err
+	}
+	ag, err := agent.New(agent.Config{
+		Node:        f.node,
+		TrustDomain: td,
+		Mode:        mode,
+		Backend:     backend,
+		StateDir:    f.stateDir,
+		Workloads:   workloads,
+		Identities:  source,
+		TLS:         configs,
+		Proxy:       proxy,
+		Log:         log,
+	})
+	if err != nil {
+		return err
+	}
+	defer ag.Close()
+
+	errc := make(chan error, 3)
+	go func() { errc <- source.Run(ctx) }()
+
+	if f.healthAddr != "" {
+		hl, err := net.Listen("tcp", f.healthAddr)
+		if err != nil {
+			return fmt.Errorf("--health-addr: %w", err)
+		}
+		hs := &http.Server{Handler: healthHandler(ag, proxy), ReadHeaderTimeout: 5 * time.Second}
+		go func() { errc <- serveUntil(ctx, hs, hl) }()
+	}
+
+	restored := ag.Restore()
+	go ag.Reconcile(ctx, 5*time.Second)
+
+	sl, err := enroll.Listen(f.socket)
+	if err != nil {
+		return err
+	}
+	api := &http.Server{Handler: enroll.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
+	go func() { errc <- serveUntil(ctx, api, sl) }()
+
+	log.Info("meshlessd ready",
+		"node", f.node, "trust_domain", td.Name(), "mode", string(mode), "strict_egress", f.strictEgress,
+		"mesh_cidrs", f.meshCIDRs.String(), "iptables_backend", string(backend), "socket", f.socket,
+		"health_addr", f.healthAddr, "svid_ttl", f.svidTTL.String(), "pods_reattached", restored)
+
+	select {
+	case <-ctx.Done():
+		log.Info("meshlessd stopping; enrolled pods keep their records and refuse traffic until it is back")
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+// serveUntil serves until ctx ends, then shuts the server down.
+func serveUntil(ctx context.Context, s *http.Server, l net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = s.Shutdown(shutdownCtx)
+	}()
+	if err := s.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+func healthHandler(ag *agent.Agent, proxy *tunnel.Proxy) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !ag.Ready() {
+			http.Error(w, "restoring enrolled pods", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		st := ag.Status(r.Context())
+		s := proxy.Stats()
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		fmt.Fprintf(w, "# HELP meshless_pods_enrolled Pods enrolled on this node.\n# TYPE meshless_pods_enrolled gauge\nmeshless_pods_enrolled %d\n", st.Pods)
+		fmt.Fprintf(w, "# HELP meshless_connections_open Connections being proxied.\n# TYPE meshless_connections_open gauge\nmeshless_connections_open %d\n", s.Open.Load())
+		fmt.Fprintf(w, "# HELP meshless_connections_total Connections proxied, ended.\n# TYPE meshless_connections_total counter\nmeshless_connections_total %d\n", s.Total.Load())
+		fmt.Fprintf(w, "# HELP meshless_connections_failed_total Connections refused or failed.\n# TYPE meshless_connections_failed_total counter\nmeshless_connections_failed_total %d\n", s.Failed.Load())
+		fmt.Fprintf(w, "# HELP meshless_connections_plaintext_total Connections carried in plaintext (egress outside the mesh, permissive inbound).\n# TYPE meshless_connections_plaintext_total counter\nmeshless_connections_plaintext_total %d\n", s.Plaintext.Load())
+	})
+	return mux
+}

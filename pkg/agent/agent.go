@@ -1,0 +1,295 @@
+// Package agent is the node daemon's core: it enrolls pods for the CNI plugin
+// (it implements enroll.Service), gives each one an identity and a data path,
+// keeps their records on disk so that a restarted daemon re-attaches to every
+// pod without a CNI call, and forgets pods whose network namespace is gone.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshless/meshless/pkg/capture"
+	"github.com/meshless/meshless/pkg/enroll"
+	meshtls "github.com/meshless/meshless/pkg/tls"
+	"github.com/meshless/meshless/pkg/tunnel"
+)
+
+// IdentitySource holds SVIDs for the identities that enrolled pods use.
+type IdentitySource interface {
+	// Acquire makes an SVID for id available (reference counted).
+	Acquire(id spiffeid.ID) error
+	// Release drops one reference taken by Acquire.
+	Release(id spiffeid.ID)
+}
+
+// Config is what the agent is built from.
+type Config struct {
+	Node        string
+	TrustDomain spiffeid.TrustDomain
+	Mode        tunnel.Mode
+	Backend     capture.Backend
+	StateDir    string
+	Workloads   meshtls.Workloads
+	Identities  IdentitySource
+	TLS         *meshtls.Configs
+	Proxy       *tunnel.Proxy
+	Log         *slog.Logger
+}
+
+// Agent enrolls, serves and forgets the pods of one node.
+type Agent struct {
+	cfg   Config
+	store *store
+	ready atomic.Bool
+
+	mu   sync.Mutex
+	pods map[string]*pod
+}
+
+type pod struct {
+	rec    record
+	id     spiffeid.ID
+	tunnel *tunnel.PodTunnel
+}
+
+// New returns an agent with no pods; call Restore to bring back the pods that
+// were enrolled before a restart.
+func New(cfg Config) (*Agent, error) {
+	st, err := newStore(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	return &Agent{cfg: cfg, store: st, pods: make(map[string]*pod)}, nil
+}
+
+// Enroll gives the pod its identity and opens its data path. Enrolling the
+// same container in the same netns again returns the existing enrollment; the
+// same container ID in a new netns replaces the old enrollment.
+func (a *Agent) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment, error) {
+	if err := p.Validate(); err != nil {
+		return enroll.Enrollment{}, err
+	}
+	nsID, err := statNetns(p.Netns)
+	if err != nil {
+		return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: %w: %w", p.Namespace, p.Name, enroll.ErrInvalid, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if old, ok := a.pods[p.ContainerID]; ok {
+		if old.rec.Netns == nsID && slices.Equal(old.rec.Enrollment.Pod.IPs, p.IPs) {
+			return old.rec.Enrollment, nil
+		}
+		a.detachLocked(old, "re-enrolled with a new network namespace")
+	}
+	rec := record{
+		Enrollment: enroll.Enrollment{Pod: p, EnrolledAt: time.Now().UTC()},
+		Netns:      nsID,
+	}
+	pd, err := a.attachLocked(rec)
+	if err != nil {
+		return enroll.Enrollment{}, err
+	}
+	if err := a.store.save(pd.rec); err != nil {
+		a.detachLocked(pd, "state not saved")
+		return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: %w", p.Namespace, p.Name, err)
+	}
+	a.cfg.Log.Info("pod enrolled", "pod", p.Name, "namespace", p.Namespace, "container_id", p.ContainerID,
+		"spiffe_id", pd.id.String(), "ips", p.IPs, "netns", p.Netns)
+	return pd.rec.Enrollment, nil
+}
+
+// attachLocked resolves the pod's identity and opens its listeners. The
+// identity is fixed here, at enrollment, for the pod's whole life.
+func (a *Agent) attachLocked(rec record) (*pod, error) {
+	p := rec.Enrollment.Pod
+	sa := a.cfg.Workloads.ServiceAccount(p.Namespace, p.Name)
+	id, err := meshtls.WorkloadID(a.cfg.TrustDomain, p.Namespace, sa)
+	if err != nil {
+		return nil, fmt.Errorf("enroll pod %s/%s: %w", p.Namespace, p.Name, err)
+	}
+	if err := a.cfg.Identities.Acquire(id); err != nil {
+		return nil, fmt.Errorf("enroll pod %s/%s: identity %s: %w", p.Namespace, p.Name, id, err)
+	}
+	t, err := a.cfg.Proxy.Attach(tunnel.Pod{
+		Namespace: p.Namespace,
+		Name:      p.Name,
+		Netns:     p.Netns,
+		IPs:       p.IPs,
+		ID:        id,
+	})
+	if err != nil {
+		a.cfg.Identities.Release(id)
+		return nil, fmt.Errorf("enroll pod %s/%s: %w", p.Namespace, p.Name, err)
+	}
+	rec.Enrollment.SPIFFEID = id.String()
+	pd := &pod{rec: rec, id: id, tunnel: t}
+	a.pods[p.ContainerID] = pd
+	return pd, nil
+}
+
+// detachLocked closes the pod's data path and forgets it, on disk too.
+func (a *Agent) detachLocked(pd *pod, reason string) {
+	p := pd.rec.Enrollment.Pod
+	delete(a.pods, p.ContainerID)
+	pd.tunnel.Close()
+	a.cfg.Identities.Release(pd.id)
+	if !a.identityInUseLocked(pd.id) {
+		a.cfg.TLS.Forget(pd.id)
+	}
+	if err := a.store.remove(p.ContainerID); err != nil {
+		a.cfg.Log.Error("pod state not removed", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+	}
+	a.cfg.Log.Info("pod removed", "pod", p.Name, "namespace", p.Namespace, "container_id", p.ContainerID, "reason", reason)
+}
+
+func (a *Agent) identityInUseLocked(id spiffeid.ID) bool {
+	for _, pd := range a.pods {
+		if pd.id == id {
+			return true
+		}
+	}
+	return false
+}
+
+// Remove closes the pod's listeners and connections and forgets it.
+func (a *Agent) Remove(_ context.Context, containerID string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if pd, ok := a.pods[containerID]; ok {
+		a.detachLocked(pd, "CNI DEL")
+	}
+	return nil
+}
+
+// Get returns the pod's enrollment.
+func (a *Agent) Get(_ context.Context, containerID string) (enroll.Enrollment, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	pd, ok := a.pods[containerID]
+	if !ok {
+		return enroll.Enrollment{}, fmt.Errorf("container %s: %w", containerID, enroll.ErrNotFound)
+	}
+	return pd.rec.Enrollment, nil
+}
+
+// GC forgets every pod that the runtime no longer lists.
+func (a *Agent) GC(_ context.Context, keep []string) ([]string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var removed []string
+	for id, pd := range a.pods {
+		if !slices.Contains(keep, id) {
+			a.detachLocked(pd, "CNI GC")
+			removed = append(removed, id)
+		}
+	}
+	slices.Sort(removed)
+	return removed, nil
+}
+
+// Status describes the agent for the plugin and for operators.
+func (a *Agent) Status(context.Context) enroll.Status {
+	a.mu.Lock()
+	n := len(a.pods)
+	a.mu.Unlock()
+	return enroll.Status{
+		Node:        a.cfg.Node,
+		Backend:     string(a.cfg.Backend),
+		Ready:       a.ready.Load(),
+		Pods:        n,
+		TrustDomain: a.cfg.TrustDomain.Name(),
+		Mode:        string(a.cfg.Mode),
+	}
+}
+
+// Ready reports whether Restore has finished.
+func (a *Agent) Ready() bool { return a.ready.Load() }
+
+// Restore re-attaches every pod enrolled before a restart whose network
+// namespace still exists, and drops the records of the others. It returns the
+// number of pods re-attached.
+func (a *Agent) Restore() int {
+	records, errs := a.store.load()
+	for _, err := range errs {
+		a.cfg.Log.Error("pod state unreadable; skipped", "reason", err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	restored := 0
+	for _, rec := range records {
+		p := rec.Enrollment.Pod
+		if err := a.stillThere(rec); err != nil {
+			a.cfg.Log.Info("pod gone while the daemon was down", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+			if err := a.store.remove(p.ContainerID); err != nil {
+				a.cfg.Log.Error("pod state not removed", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+			}
+			continue
+		}
+		pd, err := a.attachLocked(rec)
+		if err != nil {
+			// The record stays: the next restart, or the plugin's CHECK, tries again.
+			a.cfg.Log.Error("pod not re-attached", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+			continue
+		}
+		restored++
+		a.cfg.Log.Info("pod re-attached", "pod", p.Name, "namespace", p.Namespace, "spiffe_id", pd.id.String())
+	}
+	a.ready.Store(true)
+	return restored
+}
+
+func (a *Agent) stillThere(rec record) error {
+	id, err := statNetns(rec.Enrollment.Pod.Netns)
+	if err != nil {
+		return err
+	}
+	if id != rec.Netns {
+		return errors.New("netns path now names another namespace")
+	}
+	return nil
+}
+
+// Reconcile forgets, every interval until ctx ends, the pods whose network
+// namespace has gone without a CNI DEL reaching us (the daemon was down or
+// unreachable when the runtime tore the pod down).
+func (a *Agent) Reconcile(ctx context.Context, interval time.Duration) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		a.mu.Lock()
+		for _, pd := range a.pods {
+			if err := a.stillThere(pd.rec); err != nil {
+				a.detachLocked(pd, "netns gone: "+err.Error())
+			}
+		}
+		a.mu.Unlock()
+	}
+}
+
+// Close detaches every pod's data path but keeps their records, so that the
+// next daemon re-attaches them. Until then their traffic is refused.
+func (a *Agent) Close() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.ready.Store(false)
+	for _, pd := range a.pods {
+		pd.tunnel.Close()
+	}
+	clear(a.pods)
+}

@@ -1,0 +1,328 @@
+package capture
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os/exec"
+	"strings"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/coreos/go-iptables/iptables"
+)
+
+// lockWaitSeconds bounds how long an iptables command waits for the xtables lock (legacy), so a
+// stuck holder fails the CNI call with an error instead of hanging it.
+const lockWaitSeconds = 30
+
+// sbinDirs are searched after PATH: container runtimes may run plugins with a PATH lacking them.
+var sbinDirs = []string{"/usr/sbin", "/sbin", "/usr/local/sbin"}
+
+// lookTool finds an iptables program by name.
+func lookTool(name string) (string, error) {
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	for _, dir := range sbinDirs {
+		if p, err := exec.LookPath(dir + "/" + name); err == nil {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s not found in PATH or %s (is the iptables package installed?)",
+		name, strings.Join(sbinDirs, ", "))
+}
+
+// toolName returns the program of a backend and family, e.g. ip6tables-nft or iptables-legacy-restore.
+func toolName(b Backend, family int, suffix string) string {
+	prefix := "iptables"
+	if family == 6 {
+		prefix = "ip6tables"
+	}
+	return prefix + "-" + string(b) + suffix
+}
+
+// familyTools holds the programs of one family; they are resolved in the host netns, before
+// entering the pod's.
+type familyTools struct {
+	family   int
+	iptables string
+	restore  string
+}
+
+func resolveTools(b Backend, families []int) ([]familyTools, error) {
+	var out []familyTools
+	for _, f := range families {
+		ipt, err := lookTool(toolName(b, f, ""))
+		if err != nil {
+			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
+		}
+		restore, err := lookTool(toolName(b, f, "-restore"))
+		if err != nil {
+			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
+		}
+		out = append(out, familyTools{family: f, iptables: ipt, restore: restore})
+	}
+	return out, nil
+}
+
+// handle returns a go-iptables handle on the backend's program. It runs the program (for its
+// version), so it is called inside the netns closure like every other iptables command.
+func (t familyTools) handle() (*iptables.IPTables, error) {
+	proto := iptables.ProtocolIPv4
+	if t.family == 6 {
+		proto = iptables.ProtocolIPv6
+	}
+	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(t.iptables), iptables.Timeout(lockWaitSeconds))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", t.iptables, err)
+	}
+	return ipt, nil
+}
+
+// Apply installs the ruleset and the policy routing in the netns at nsPath. The chains of each
+// family are written in one iptables-restore --noflush transaction together with whichever jumps
+// are missing, so a pod is never half captured and applying twice leaves exactly one copy of
+// everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
+// the CNI calls of one pod).
+func Apply(nsPath string, c Config) error {
+	if err := c.Validate(); err != nil {
+		return fmt.Errorf("capture config: %w", err)
+	}
+	c = c.normalized()
+	tools, err := resolveTools(c.Backend, c.families())
+	if err != nil {
+		return err
+	}
+	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		// The policy route points at lo, which the kernel only accepts while lo is up.
+		if err := ensureLoopbackUp(); err != nil {
+			return err
+		}
+		for _, t := range tools {
+			if err := applyFamily(t, c); err != nil {
+				return err
+			}
+			if err := applyRouting(t.family); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("install capture in netns %s: %w", nsPath, err)
+	}
+	return nil
+}
+
+func applyFamily(t familyTools, c Config) error {
+	ipt, err := t.handle()
+	if err != nil {
+		return err
+	}
+	chs := chains(c, t.family)
+	var missing []chain
+	for _, ch := range chs {
+		ok, err := ipt.Exists(ch.table, ch.parent, ch.jump...)
+		if err != nil {
+			return fmt.Errorf("look for jump to %s in %s %s: %w", ch.name, ch.table, ch.parent, err)
+		}
+		if !ok {
+			missing = append(missing, ch)
+		}
+	}
+	cmd := exec.Command(t.restore, "--noflush", fmt.Sprintf("--wait=%d", lockWaitSeconds))
+	cmd.Stdin = strings.NewReader(restoreInput(chs, missing))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s --noflush: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
+	}
+	return nil
+}
+
+// Check verifies, in the netns at nsPath, that everything Apply installs for c is present and
+// complete: each chain holds exactly its rules, each is entered by exactly one jump, and the
+// policy rule and route exist. It reports every problem it finds.
+func Check(nsPath string, c Config) error {
+	if err := c.Validate(); err != nil {
+		return fmt.Errorf("capture config: %w", err)
+	}
+	c = c.normalized()
+	tools, err := resolveTools(c.Backend, c.families())
+	if err != nil {
+		return err
+	}
+	var problems []error
+	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		for _, t := range tools {
+			ps, err := checkFamily(t, c)
+			if err != nil {
+				return err
+			}
+			problems = append(problems, ps...)
+			ps, err = checkRouting(t.family)
+			if err != nil {
+				return err
+			}
+			problems = append(problems, ps...)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("check capture in netns %s: %w", nsPath, err)
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("capture in netns %s is incomplete: %w", nsPath, errors.Join(problems...))
+	}
+	return nil
+}
+
+// checkFamily returns the problems found in one family's chains; err is for failures to look.
+func checkFamily(t familyTools, c Config) (problems []error, err error) {
+	ipt, err := t.handle()
+	if err != nil {
+		return nil, err
+	}
+	v := "IPv4"
+	if t.family == 6 {
+		v = "IPv6"
+	}
+	for _, ch := range chains(c, t.family) {
+		where := fmt.Sprintf("%s %s chain %s", v, ch.table, ch.name)
+		ok, err := ipt.ChainExists(ch.table, ch.name)
+		if err != nil {
+			return nil, fmt.Errorf("look for %s: %w", where, err)
+		}
+		if !ok {
+			problems = append(problems, fmt.Errorf("%s is missing", where))
+			continue
+		}
+		listed, err := ipt.List(ch.table, ch.name)
+		if err != nil {
+			return nil, fmt.Errorf("list %s: %w", where, err)
+		}
+		if n := countAppends(listed, ""); n != len(ch.rules) {
+			problems = append(problems, fmt.Errorf("%s holds %d rules, want %d", where, n, len(ch.rules)))
+		}
+		for _, r := range ch.rules {
+			ok, err := ipt.Exists(ch.table, ch.name, r...)
+			if err != nil {
+				return nil, fmt.Errorf("look for rule %q in %s: %w", strings.Join(r, " "), where, err)
+			}
+			if !ok {
+				problems = append(problems, fmt.Errorf("%s lacks rule %q", where, strings.Join(r, " ")))
+			}
+		}
+
+		listed, err = ipt.List(ch.table, ch.parent)
+		if err != nil {
+			return nil, fmt.Errorf("list %s %s %s: %w", v, ch.table, ch.parent, err)
+		}
+		ok, err = ipt.Exists(ch.table, ch.parent, ch.jump...)
+		if err != nil {
+			return nil, fmt.Errorf("look for jump to %s: %w", where, err)
+		}
+		switch n := countAppends(listed, ch.name); {
+		case !ok:
+			problems = append(problems, fmt.Errorf("%s %s %s lacks the jump %q", v, ch.table, ch.parent, strings.Join(ch.jump, " ")))
+		case n != 1:
+			problems = append(problems, fmt.Errorf("%s %s %s jumps to %s %d times, want once", v, ch.table, ch.parent, ch.name, n))
+		}
+	}
+	return problems, nil
+}
+
+// countAppends counts the rules in `iptables -S chain` output; with target set, only the rules
+// jumping to it.
+func countAppends(listed []string, target string) int {
+	n := 0
+	for _, line := range listed {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != "-A" {
+			continue
+		}
+		if target == "" {
+			n++
+			continue
+		}
+		for i := 2; i+1 < len(f); i++ {
+			if (f[i] == "-j" || f[i] == "-g") && f[i+1] == target {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
+
+// Remove deletes, in the netns at nsPath, what Apply installs for c: the jumps first (so traffic
+// stops being redirected), then the chains, the policy rule and the route. Missing pieces, and a
+// netns that no longer exists, are not errors. Only the families c implies are touched, as in Apply.
+func Remove(nsPath string, c Config) error {
+	if c.Backend != Legacy && c.Backend != NFT {
+		return fmt.Errorf("capture config: unknown iptables backend %q (want %q or %q)", c.Backend, Legacy, NFT)
+	}
+	c = c.normalized()
+	tools, err := resolveTools(c.Backend, c.families())
+	if err != nil {
+		return err
+	}
+	var problems []error
+	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		for _, t := range tools {
+			if err := removeFamily(t, c); err != nil {
+				problems = append(problems, err)
+			}
+			if err := removeRouting(t.family); err != nil {
+				problems = append(problems, err)
+			}
+		}
+		return nil
+	})
+	if errors.As(err, new(ns.NSPathNotExistErr)) {
+		return nil
+	}
+	if err == nil {
+		err = errors.Join(problems...)
+	}
+	if err != nil {
+		return fmt.Errorf("remove capture from netns %s: %w", nsPath, err)
+	}
+	return nil
+}
+
+func removeFamily(t familyTools, c Config) error {
+	ipt, err := t.handle()
+	if err != nil {
+		return err
+	}
+	chs := chains(c, t.family)
+	for _, ch := range chs {
+		// Loop, so that duplicates someone added by hand go too.
+		for {
+			ok, err := ipt.Exists(ch.table, ch.parent, ch.jump...)
+			if err != nil {
+				return fmt.Errorf("look for jump to %s: %w", ch.name, err)
+			}
+			if !ok {
+				break
+			}
+			if err := ipt.Delete(ch.table, ch.parent, ch.jump...); err != nil {
+				return fmt.Errorf("delete jump to %s: %w", ch.name, err)
+			}
+		}
+	}
+	for _, ch := range chs {
+		ok, err := ipt.ChainExists(ch.table, ch.name)
+		if err != nil {
+			return fmt.Errorf("look for chain %s: %w", ch.name, err)
+		}
+		if !ok {
+			continue
+		}
+		if err := ipt.ClearAndDeleteChain(ch.table, ch.name); err != nil {
+			return fmt.Errorf("delete chain %s: %w", ch.name, err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,161 @@
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"net"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func netlinkFamily(family int) int {
+	if family == 6 {
+		return netlink.FAMILY_V6
+	}
+	return netlink.FAMILY_V4
+}
+
+// policyRule is `fwmark ConnMark/MarkMask lookup RouteTable pref RulePriority`.
+func policyRule(family int) *netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = netlinkFamily(family)
+	r.Priority = RulePriority
+	r.Table = RouteTable
+	r.Mark = ConnMark
+	mask := uint32(MarkMask)
+	r.Mask = &mask
+	return r
+}
+
+const ruleFilter = netlink.RT_FILTER_PRIORITY | netlink.RT_FILTER_TABLE | netlink.RT_FILTER_MARK | netlink.RT_FILTER_MASK
+
+func listPolicyRules(family int) ([]netlink.Rule, error) {
+	rules, err := netlink.RuleListFiltered(netlinkFamily(family), policyRule(family), ruleFilter)
+	if err != nil {
+		return nil, fmt.Errorf("list IPv%d ip rules: %w", family, err)
+	}
+	return rules, nil
+}
+
+// localRoute is `local 0.0.0.0/0 dev lo table RouteTable` (or `local ::/0 ...`): whatever carries
+// the fwmark is delivered to a local socket, the daemon's transparent one.
+func localRoute(family int, lo netlink.Link) *netlink.Route {
+	dst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	if family == 6 {
+		dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	}
+	return &netlink.Route{
+		Family:    netlinkFamily(family),
+		LinkIndex: lo.Attrs().Index,
+		Dst:       dst,
+		Table:     RouteTable,
+		Type:      unix.RTN_LOCAL,
+		Scope:     netlink.SCOPE_HOST,
+	}
+}
+
+// listLocalRoutes returns the routes of RouteTable that do what localRoute does.
+func listLocalRoutes(family int, lo netlink.Link) ([]netlink.Route, error) {
+	filter := &netlink.Route{Table: RouteTable}
+	routes, err := netlink.RouteListFiltered(netlinkFamily(family), filter, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("list IPv%d routes of table %d: %w", family, RouteTable, err)
+	}
+	var out []netlink.Route
+	for _, r := range routes {
+		isDefault := r.Dst == nil
+		if r.Dst != nil {
+			ones, _ := r.Dst.Mask.Size()
+			isDefault = ones == 0
+		}
+		if r.Type == unix.RTN_LOCAL && r.LinkIndex == lo.Attrs().Index && isDefault {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+func ensureLoopbackUp() error {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	if lo.Attrs().Flags&net.FlagUp != 0 {
+		return nil
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		return fmt.Errorf("set lo up: %w", err)
+	}
+	return nil
+}
+
+func applyRouting(family int) error {
+	rules, err := listPolicyRules(family)
+	if err != nil {
+		return err
+	}
+	if len(rules) == 0 {
+		if err := netlink.RuleAdd(policyRule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("add IPv%d ip rule fwmark %#x/%#x lookup %d: %w", family, ConnMark, MarkMask, RouteTable, err)
+		}
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	if err := netlink.RouteReplace(localRoute(family, lo)); err != nil {
+		return fmt.Errorf("add IPv%d local default route to table %d: %w", family, RouteTable, err)
+	}
+	return nil
+}
+
+// checkRouting returns the problems of one family's policy routing; err is for failures to look.
+func checkRouting(family int) (problems []error, err error) {
+	rules, err := listPolicyRules(family)
+	if err != nil {
+		return nil, err
+	}
+	if len(rules) == 0 {
+		problems = append(problems, fmt.Errorf("IPv%d ip rule fwmark %#x/%#x lookup %d pref %d is missing",
+			family, ConnMark, MarkMask, RouteTable, RulePriority))
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return nil, fmt.Errorf("find lo: %w", err)
+	}
+	routes, err := listLocalRoutes(family, lo)
+	if err != nil {
+		return nil, err
+	}
+	if len(routes) == 0 {
+		problems = append(problems, fmt.Errorf("IPv%d route `local default dev lo table %d` is missing", family, RouteTable))
+	}
+	return problems, nil
+}
+
+func removeRouting(family int) error {
+	rules, err := listPolicyRules(family)
+	if err != nil {
+		return err
+	}
+	for i := range rules {
+		if err := netlink.RuleDel(&rules[i]); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("delete IPv%d ip rule %s: %w", family, rules[i], err)
+		}
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("find lo: %w", err)
+	}
+	routes, err := listLocalRoutes(family, lo)
+	if err != nil {
+		return err
+	}
+	for i := range routes {
+		if err := netlink.RouteDel(&routes[i]); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("delete IPv%d route %s: %w", family, routes[i], err)
+		}
+	}
+	return nil
+}

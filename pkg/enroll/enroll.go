@@ -1,0 +1,64 @@
+// Package enroll is the API between the CNI plugin (meshless-cni) and the node daemon (meshlessd):
+// HTTP/1.1 with JSON bodies over a root-only unix socket. The plugin enrolls each new pod after
+// installing its capture rules; the daemon implements Service and serves it with Handler.
+package enroll
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// DefaultSocket is where meshlessd serves the enrollment API on every node.
+const DefaultSocket = "/var/run/meshless/cni.sock"
+
+var (
+	// ErrNotFound reports a container ID that is not enrolled.
+	ErrNotFound = errors.New("pod not enrolled")
+	// ErrInvalid reports a request the daemon cannot use; the handler answers it with HTTP 400.
+	ErrInvalid = errors.New("invalid request")
+)
+
+// Pod is what the plugin knows about a new pod when it enrolls it.
+type Pod struct {
+	ContainerID string       `json:"containerID"`
+	IfName      string       `json:"ifName"`
+	Netns       string       `json:"netns"`
+	Namespace   string       `json:"namespace"`
+	Name        string       `json:"name"`
+	UID         string       `json:"uid,omitempty"`
+	IPs         []netip.Addr `json:"ips"`
+}
+
+// Enrollment is the daemon's record of an enrolled pod.
+type Enrollment struct {
+	Pod        Pod       `json:"pod"`
+	SPIFFEID   string    `json:"spiffeID"`
+	EnrolledAt time.Time `json:"enrolledAt"`
+}
+
+// Status describes the daemon; the plugin reads Backend so that every pod's rules use the
+// iptables backend that the node already uses.
+type Status struct {
+	Node        string `json:"node"`
+	Backend     string `json:"backend"`
+	Ready       bool   `json:"ready"`
+	Pods        int    `json:"pods"`
+	TrustDomain string `json:"trustDomain"`
+	Mode        string `json:"mode"`
+}
+
+// Service is what the daemon implements; Handler serves it on the socket.
+type Service interface {
+	// Enroll starts serving a pod; enrolling a pod that is already enrolled is not an error.
+	Enroll(ctx context.Context, p Pod) (Enrollment, error)
+	// Remove forgets a pod; an unknown container ID is not an error.
+	Remove(ctx context.Context, containerID string) error
+	// Get returns the enrollment of a pod, or an error wrapping ErrNotFound.
+	Get(ctx context.Context, containerID string) (Enrollment, error)
+	// GC forgets every pod whose container ID is not in keep and returns the IDs it forgot.
+	GC(ctx context.Context, keep []string) (removed []string, err error)
+	// Status describes the daemon.
+	Status(ctx context.Context) Status
+}

@@ -1,0 +1,319 @@
+package meshtls
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/big"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// File names inside a CA directory.
+const (
+	CACertFile = "ca.crt"
+	CAKeyFile  = "ca.key"
+)
+
+const (
+	caValidity = 10 * 365 * 24 * time.Hour
+	// clockSkew backdates every certificate so that a node whose clock is a little behind the
+	// minting node's still accepts it.
+	clockSkew = time.Minute
+)
+
+// CA is the built-in certificate authority: the key pair that signs SVIDs, and every CA
+// certificate of its directory, which together form the trust bundle.
+type CA struct {
+	cert  *x509.Certificate
+	key   crypto.Signer
+	roots []*x509.Certificate
+}
+
+// Certificate returns the CA certificate that signs new SVIDs.
+func (ca *CA) Certificate() *x509.Certificate { return ca.cert }
+
+// Authorities returns every CA certificate of ca.crt; peers chaining to any of them are trusted.
+func (ca *CA) Authorities() []*x509.Certificate {
+	return append([]*x509.Certificate(nil), ca.roots...)
+}
+
+// InitCA creates a new self-signed ECDSA P-256 CA in dir: ca.crt (mode 0644) and ca.key (mode 0600,
+// PKCS#8 PEM). It creates dir (mode 0700) if needed and refuses to replace an existing CA, since
+// every SVID minted by the old one would stop being trusted.
+func InitCA(dir string, now time.Time) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("init CA: %w", err)
+	}
+	for _, name := range []string{CAKeyFile, CACertFile} {
+		if _, err := os.Lstat(filepath.Join(dir, name)); err == nil {
+			return fmt.Errorf("init CA: %s already exists: refusing to overwrite an existing CA: %w",
+				filepath.Join(dir, name), fs.ErrExist)
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("init CA: %w", err)
+		}
+	}
+
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("init CA: generate key: %w", err)
+	}
+	serial, err := randomSerial()
+	if err != nil {
+		return fmt.Errorf("init CA: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{"meshless"}, CommonName: "meshless CA"},
+		NotBefore:             now.Add(-clockSkew),
+		NotAfter:              now.Add(caValidity),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return fmt.Errorf("init CA: create certificate: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("init CA: encode key: %w", err)
+	}
+
+	// The key goes first: a crash in between leaves a key without a certificate, which LoadCA
+	// reports, never a certificate whose key is lost.
+	keyPath := filepath.Join(dir, CAKeyFile)
+	if err := writeNewFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return fmt.Errorf("init CA: %w", err)
+	}
+	if err := writeNewFile(filepath.Join(dir, CACertFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		// Only reached when our own key file was just put in place, so removing it is safe.
+		os.Remove(keyPath)
+		return fmt.Errorf("init CA: %w", err)
+	}
+	return syncDir(dir)
+}
+
+// writeNewFile writes data to path atomically and without replacing an existing file: a temporary
+// file is filled and synced, then hard-linked into place (unlike rename, link fails when the
+// target exists, so two concurrent InitCA calls cannot overwrite each other).
+func writeNewFile(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	// Chmod rather than relying on the umask so the modes are exactly the documented ones.
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Link(tmp, path); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("%s already exists: refusing to overwrite an existing CA: %w", path, fs.ErrExist)
+		}
+		return err
+	}
+	return nil
+}
+
+// syncDir makes the new directory entries durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("init CA: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("init CA: sync %s: %w", dir, err)
+	}
+	return nil
+}
+
+// LoadCA reads the CA of dir, written by InitCA or by an operator. ca.crt may hold several CA
+// certificates (a CA roll-over): the one matching ca.key signs, all of them are trusted.
+func LoadCA(dir string) (*CA, error) {
+	hint := fmt.Sprintf("(create one with `meshlessd ca init --dir %s`)", dir)
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("load CA: directory %s does not exist %s: %w", dir, hint, err)
+	case err != nil:
+		return nil, fmt.Errorf("load CA: %w", err)
+	case !fi.IsDir():
+		return nil, fmt.Errorf("load CA: %s is not a directory", dir)
+	}
+	certPath, keyPath := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
+	certPEM, err := readCAFile(certPath, hint)
+	if err != nil {
+		return nil, err
+	}
+	keyPEM, err := readCAFile(keyPath, hint)
+	if err != nil {
+		return nil, err
+	}
+
+	roots, err := parseCACerts(certPath, certPEM)
+	if err != nil {
+		return nil, err
+	}
+	key, err := parseCAKey(keyPath, keyPEM)
+	if err != nil {
+		return nil, err
+	}
+	pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool })
+	if !ok {
+		return nil, fmt.Errorf("load CA: %s: unsupported key type %T", keyPath, key)
+	}
+	for _, cert := range roots {
+		if pub.Equal(cert.PublicKey) {
+			return &CA{cert: cert, key: key, roots: roots}, nil
+		}
+	}
+	return nil, fmt.Errorf("load CA: the key in %s matches no certificate in %s", keyPath, certPath)
+}
+
+func readCAFile(path, hint string) ([]byte, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("load CA: %s is missing %s: %w", path, hint, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load CA: cannot read %s: %w", path, err)
+	}
+	return data, nil
+}
+
+func parseCACerts(path string, data []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	for rest := data; ; {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			if len(bytes.TrimSpace(rest)) > 0 && len(certs) > 0 {
+				return nil, fmt.Errorf("load CA: %s: unexpected data after certificate %d", path, len(certs))
+			}
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("load CA: %s: unexpected PEM block %q, want CERTIFICATE", path, block.Type)
+		}
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("load CA: %s: certificate %d: %w", path, len(certs)+1, err)
+		}
+		if !cert.BasicConstraintsValid || !cert.IsCA {
+			return nil, fmt.Errorf("load CA: %s: certificate %d (%s) is not a CA certificate", path, len(certs)+1, cert.Subject)
+		}
+		if cert.KeyUsage != 0 && cert.KeyUsage&x509.KeyUsageCertSign == 0 {
+			return nil, fmt.Errorf("load CA: %s: certificate %d (%s) may not sign certificates (no keyCertSign usage)", path, len(certs)+1, cert.Subject)
+		}
+		certs = append(certs, cert)
+	}
+	if len(certs) == 0 {
+		return nil, fmt.Errorf("load CA: %s: no PEM CERTIFICATE block found", path)
+	}
+	return certs, nil
+}
+
+func parseCAKey(path string, data []byte) (crypto.Signer, error) {
+	block, _ := pem.Decode(data)
+	if block == nil {
+		return nil, fmt.Errorf("load CA: %s: no PEM block found", path)
+	}
+	var key any
+	var err error
+	switch block.Type {
+	case "PRIVATE KEY":
+		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+	case "EC PRIVATE KEY": // what `openssl ecparam -genkey` writes
+		key, err = x509.ParseECPrivateKey(block.Bytes)
+	default:
+		return nil, fmt.Errorf("load CA: %s: unexpected PEM block %q, want PRIVATE KEY (PKCS#8)", path, block.Type)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load CA: %s: %w", path, err)
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("load CA: %s: key type %T cannot sign", path, key)
+	}
+	return signer, nil
+}
+
+// mint issues an X.509-SVID for id, valid from now (backdated by clockSkew) for ttl, but never
+// beyond the CA's own expiry.
+func (ca *CA) mint(id spiffeid.ID, now time.Time, ttl time.Duration) (*x509svid.SVID, error) {
+	if !now.Before(ca.cert.NotAfter) {
+		return nil, fmt.Errorf("mint SVID for %s: CA certificate expired at %s", id, ca.cert.NotAfter.UTC().Format(time.RFC3339))
+	}
+	notAfter := now.Add(ttl)
+	if notAfter.After(ca.cert.NotAfter) {
+		notAfter = ca.cert.NotAfter
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("mint SVID for %s: generate key: %w", id, err)
+	}
+	serial, err := randomSerial()
+	if err != nil {
+		return nil, fmt.Errorf("mint SVID for %s: %w", id, err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		URIs:                  []*url.URL{id.URL()},
+		NotBefore:             now.Add(-clockSkew),
+		NotAfter:              notAfter,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		return nil, fmt.Errorf("mint SVID for %s: %w", id, err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("mint SVID for %s: %w", id, err)
+	}
+	return &x509svid.SVID{ID: id, Certificates: []*x509.Certificate{leaf}, PrivateKey: key}, nil
+}
+
+// randomSerial returns a random positive 128-bit serial number.
+func randomSerial() (*big.Int, error) {
+	limit := new(big.Int).Lsh(big.NewInt(1), 128)
+	for {
+		n, err := rand.Int(rand.Reader, limit)
+		if err != nil {
+			return nil, fmt.Errorf("serial number: %w", err)
+		}
+		if n.Sign() > 0 {
+			return n, nil
+		}
+	}
+}

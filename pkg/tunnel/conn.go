@@ -1,0 +1,236 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshless/meshless/pkg/capture"
+	meshtls "github.com/meshless/meshless/pkg/tls"
+)
+
+// Results written to the connection log.
+const (
+	resultOK              = "ok"
+	resultReset           = "reset"
+	resultRefused         = "refused"
+	resultDialFailed      = "dial_failed"
+	resultHandshakeFailed = "handshake_failed"
+)
+
+// flow is the log record of one proxied connection.
+type flow struct {
+	direction string
+	src, dst  netip.AddrPort
+	peer      spiffeid.ID
+	mtls      bool
+	start     time.Time
+	up, down  int64
+}
+
+func (t *PodTunnel) finish(f *flow, result string, reason error) {
+	stats := &t.proxy.stats
+	stats.Total.Add(1)
+	if result != resultOK {
+		stats.Failed.Add(1)
+	}
+	if !f.mtls && result == resultOK {
+		stats.Plaintext.Add(1)
+	}
+	attrs := []slog.Attr{
+		slog.String("direction", f.direction),
+		slog.String("src", f.src.String()),
+		slog.String("dst", f.dst.String()),
+		slog.Bool("mtls", f.mtls),
+		slog.Int64("client_bytes", f.up),
+		slog.Int64("server_bytes", f.down),
+		slog.Duration("duration", time.Since(f.start)),
+		slog.String("result", result),
+	}
+	if !f.peer.IsZero() {
+		attrs = append(attrs, slog.String("peer_id", f.peer.String()))
+	}
+	level := slog.LevelInfo
+	if reason != nil {
+		attrs = append(attrs, slog.String("reason", reason.Error()))
+		if result != resultOK {
+			level = slog.LevelWarn
+		}
+	}
+	t.log.LogAttrs(context.Background(), level, "connection", attrs...)
+}
+
+// outbound carries one connection that the pod's app opened: over mTLS as the
+// pod's identity when the destination is in the mesh, in plaintext otherwise
+// (unless egress is strict).
+func (t *PodTunnel) outbound(app *net.TCPConn) {
+	t.proxy.stats.Open.Add(1)
+	defer t.proxy.stats.Open.Add(-1)
+	f := &flow{direction: "outbound", src: addrPort(app.RemoteAddr()), start: time.Now()}
+	dst, err := originalDst(app)
+	if err != nil {
+		reset(app)
+		t.finish(f, resultRefused, err)
+		return
+	}
+	f.dst = dst
+	if t.isOwnListener(dst) {
+		reset(app)
+		t.finish(f, resultRefused, errors.New("destination is a meshless capture port"))
+		return
+	}
+	cfg := &t.proxy.cfg
+	f.mtls = cfg.inMesh(dst.Addr())
+	if !f.mtls && cfg.StrictEgress {
+		reset(app)
+		t.finish(f, resultRefused, errors.New("destination outside the mesh and egress is strict"))
+		return
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.DialTimeout)
+	up, err := t.dial(ctx, netip.Addr{}, dst)
+	cancel()
+	if err != nil {
+		reset(app)
+		t.finish(f, resultDialFailed, err)
+		return
+	}
+	defer t.untrack(up)
+	abort := func() { reset(app); reset(up) }
+
+	if !f.mtls {
+		f.up, f.down, err = relay(app, up, abort)
+		t.finish(f, relayResult(err), err)
+		return
+	}
+
+	conn := tls.Client(up, cfg.TLS.Client(t.pod.ID))
+	ctx, cancel = context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
+	err = conn.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		abort()
+		t.finish(f, resultHandshakeFailed, err)
+		return
+	}
+	f.peer, _ = meshtls.PeerID(conn.ConnectionState())
+	f.up, f.down, err = relay(app, conn, abort)
+	t.finish(f, relayResult(err), err)
+}
+
+// inbound carries one connection that arrived for the pod: mTLS with
+// meshless's ALPN is terminated as the pod's identity; anything else is
+// plaintext from outside the mesh, refused in strict mode.
+func (t *PodTunnel) inbound(client *net.TCPConn) {
+	t.proxy.stats.Open.Add(1)
+	defer t.proxy.stats.Open.Add(-1)
+	cfg := &t.proxy.cfg
+	f := &flow{direction: "inbound", src: addrPort(client.RemoteAddr()), start: time.Now()}
+	dst, err := originalDst(client)
+	if err != nil {
+		reset(client)
+		t.finish(f, resultRefused, err)
+		return
+	}
+	f.dst = dst
+	if t.isOwnListener(dst) {
+		reset(client)
+		t.finish(f, resultRefused, errors.New("destination is a meshless capture port"))
+		return
+	}
+
+	mesh, seen, err := peekHello(client, cfg.PeekTimeout)
+	switch {
+	case errors.Is(err, io.EOF):
+		client.Close()
+		t.finish(f, resultOK, nil)
+		return
+	case err != nil && !(errors.Is(err, os.ErrDeadlineExceeded) && cfg.Mode == Permissive):
+		// A silent client may be waiting for a server-speaks-first protocol;
+		// only permissive mode lets such plaintext through.
+		reset(client)
+		t.finish(f, resultRefused, err)
+		return
+	}
+
+	if !mesh {
+		if cfg.Mode == Strict {
+			reset(client)
+			t.finish(f, resultRefused, errors.New("plaintext or non-meshless TLS in strict mode"))
+			return
+		}
+		t.toApp(f, client, client, seen)
+		return
+	}
+
+	f.mtls = true
+	conn := tls.Server(&prefixConn{TCPConn: client, prefix: seen}, cfg.TLS.Server(t.pod.ID))
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
+	err = conn.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		reset(client)
+		t.finish(f, resultHandshakeFailed, err)
+		return
+	}
+	f.peer, _ = meshtls.PeerID(conn.ConnectionState())
+	t.toApp(f, client, conn, nil)
+}
+
+// toApp connects to the app on the original port from the client's own
+// address (so the app sees the real peer) and relays.
+func (t *PodTunnel) toApp(f *flow, raw *net.TCPConn, client stream, pending []byte) {
+	cfg := &t.proxy.cfg
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.DialTimeout)
+	app, err := t.dial(ctx, f.src.Addr(), f.dst)
+	cancel()
+	if err != nil {
+		reset(raw)
+		result := resultDialFailed
+		if isRefused(err) {
+			result = resultReset
+		}
+		t.finish(f, result, err)
+		return
+	}
+	defer t.untrack(app)
+	abort := func() { reset(raw); reset(app) }
+	if len(pending) > 0 {
+		if _, err := app.Write(pending); err != nil {
+			abort()
+			t.finish(f, resultReset, err)
+			return
+		}
+	}
+	f.up, f.down, err = relay(client, app, abort)
+	f.up += int64(len(pending))
+	t.finish(f, relayResult(err), err)
+}
+
+func (t *PodTunnel) isOwnListener(dst netip.AddrPort) bool {
+	port := dst.Port()
+	return port == capture.OutboundPort || port == capture.InboundPort
+}
+
+func relayResult(err error) string {
+	if err != nil {
+		return resultReset
+	}
+	return resultOK
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return netip.AddrPort{}
+}

@@ -1,0 +1,172 @@
+package tunnel
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"math/big"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func selfSigned(t testing.TB) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// relayFixture is app client <-> [a | relay | b] <-> app server, all on loopback TCP.
+type relayFixture struct {
+	client, server *net.TCPConn
+	done           chan relayOutcome
+}
+
+type relayOutcome struct {
+	up, down int64
+	err      error
+}
+
+func newRelayFixture(t *testing.T) *relayFixture {
+	t.Helper()
+	client, a := tcpPair(t)
+	b, server := tcpPair(t)
+	f := &relayFixture{client: client, server: server, done: make(chan relayOutcome, 1)}
+	go func() {
+		up, down, err := relay(a, b, func() { reset(a); reset(b) })
+		a.Close()
+		b.Close()
+		f.done <- relayOutcome{up, down, err}
+	}()
+	return f
+}
+
+func (f *relayFixture) wait(t *testing.T) relayOutcome {
+	t.Helper()
+	select {
+	case o := <-f.done:
+		return o
+	case <-time.After(10 * time.Second):
+		t.Fatal("relay did not finish")
+		return relayOutcome{}
+	}
+}
+
+func TestRelayByteExactWithHalfClose(t *testing.T) {
+	f := newRelayFixture(t)
+	payload := make([]byte, 3<<20+7)
+	rand.Read(payload)
+	reply := make([]byte, 1<<20+3)
+	rand.Read(reply)
+
+	// The server reads everything up to the client's half-close, then answers:
+	// this only works if the client's FIN is passed on while the way back stays open.
+	serverGot := make(chan []byte, 1)
+	go func() {
+		got, _ := io.ReadAll(f.server)
+		serverGot <- got
+		f.server.Write(reply)
+		f.server.CloseWrite()
+	}()
+	if _, err := f.client.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	f.client.CloseWrite()
+	back, err := io.ReadAll(f.client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := <-serverGot; sha256.Sum256(got) != sha256.Sum256(payload) {
+		t.Fatalf("server got %d bytes, not the %d sent", len(got), len(payload))
+	}
+	if !bytes.Equal(back, reply) {
+		t.Fatalf("client got %d bytes back, want %d", len(back), len(reply))
+	}
+	o := f.wait(t)
+	if o.err != nil || o.up != int64(len(payload)) || o.down != int64(len(reply)) {
+		t.Fatalf("relay = %+v", o)
+	}
+}
+
+func TestRelayPropagatesReset(t *testing.T) {
+	f := newRelayFixture(t)
+	if _, err := f.client.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(f.server, buf); err != nil {
+		t.Fatal(err)
+	}
+	reset(f.server)
+	f.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := f.client.Read(buf)
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read after server reset: %v, want ECONNRESET", err)
+	}
+	if o := f.wait(t); o.err == nil {
+		t.Fatal("relay reported success after a reset")
+	}
+}
+
+// The TLS side of a relay half-closes with close_notify and still reads.
+func TestRelayOverTLSHalfClose(t *testing.T) {
+	client, a := tcpPair(t)
+	rawB, rawS := tcpPair(t)
+	cert := selfSigned(t)
+	tlsB := tls.Client(rawB, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
+	tlsS := tls.Server(rawS, &tls.Config{Certificates: []tls.Certificate{cert}})
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := relay(a, tlsB, func() { reset(a); reset(rawB) })
+		a.Close()
+		rawB.Close()
+		done <- err
+	}()
+	go func() {
+		got, _ := io.ReadAll(tlsS)
+		tlsS.Write(append([]byte("echo:"), got...))
+		tlsS.CloseWrite()
+	}()
+	client.Write([]byte("marker"))
+	client.CloseWrite()
+	back, err := io.ReadAll(client)
+	if err != nil || string(back) != "echo:marker" {
+		t.Fatalf("got %q, %v", back, err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func BenchmarkRelayTLS(b *testing.B) {
+	client, a := tcpPair(b)
+	rawB, rawS := tcpPair(b)
+	cert := selfSigned(b)
+	tlsB := tls.Client(rawB, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
+	tlsS := tls.Server(rawS, &tls.Config{Certificates: []tls.Certificate{cert}})
+	go relay(a, tlsB, func() { reset(a); reset(rawB) })
+	go io.Copy(io.Discard, tlsS)
+	chunk := make([]byte, 64<<10)
+	b.SetBytes(int64(len(chunk)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := client.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,88 @@
+package tunnel
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshless/meshless/pkg/capture"
+)
+
+// markSocket tags a socket with the daemon's mark so that the pod's capture
+// rules let it through instead of redirecting it back to us.
+func markSocket(_, _ string, rc syscall.RawConn) error {
+	return control(rc, func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, capture.SocketMark)
+	})
+}
+
+// transparentSocket marks a socket and lets it bind to a foreign address: the
+// inbound side connects to the app from the client pod's own IP.
+func transparentSocket(network, address string, rc syscall.RawConn) error {
+	if err := markSocket(network, address, rc); err != nil {
+		return err
+	}
+	return control(rc, func(fd int) error {
+		if network == "tcp6" {
+			return unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+		}
+		return unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+	})
+}
+
+func control(rc syscall.RawConn, f func(fd int) error) error {
+	var opErr error
+	if err := rc.Control(func(fd uintptr) { opErr = f(int(fd)) }); err != nil {
+		return err
+	}
+	return opErr
+}
+
+// originalDst returns the address the app connected to before the pod's nat
+// rules redirected the connection to our listener.
+func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	local, ok := c.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return netip.AddrPort{}, errors.New("original destination: not a TCP socket")
+	}
+	var dst netip.AddrPort
+	err = control(rc, func(fd int) error {
+		if local.IP.To4() != nil {
+			// struct sockaddr_in fits in the 20 bytes of an ipv6_mreq; x/sys has no
+			// generic getsockopt, so this is the usual way to read it.
+			mreq, err := unix.GetsockoptIPv6Mreq(fd, unix.SOL_IP, unix.SO_ORIGINAL_DST)
+			if err != nil {
+				return err
+			}
+			raw := mreq.Multiaddr
+			port := binary.BigEndian.Uint16(raw[2:4])
+			dst = netip.AddrPortFrom(netip.AddrFrom4([4]byte(raw[4:8])), port)
+			return nil
+		}
+		// struct sockaddr_in6 is the head of an ip6_mtuinfo.
+		info, err := unix.GetsockoptIPv6MTUInfo(fd, unix.SOL_IPV6, unix.SO_ORIGINAL_DST)
+		if err != nil {
+			return err
+		}
+		// The kernel wrote the port in network byte order; x/sys read it as a
+		// native integer.
+		var b [2]byte
+		binary.NativeEndian.PutUint16(b[:], info.Addr.Port)
+		port := binary.BigEndian.Uint16(b[:])
+		dst = netip.AddrPortFrom(netip.AddrFrom16(info.Addr.Addr), port)
+		return nil
+	})
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)
+	}
+	return dst, nil
+}
