@@ -122,9 +122,9 @@ func applyFamily(t familyTools, c Config) error {
 	chs := chains(c, t.family)
 	var missing []chain
 	for _, ch := range chs {
-		ok, err := ipt.Exists(ch.table, ch.parent, ch.jump...)
+		ok, err := jumpExists(ipt, ch)
 		if err != nil {
-			return fmt.Errorf("look for jump to %s in %s %s: %w", ch.name, ch.table, ch.parent, err)
+			return err
 		}
 		if !ok {
 			missing = append(missing, ch)
@@ -138,6 +138,19 @@ func applyFamily(t familyTools, c Config) error {
 		return fmt.Errorf("%s --noflush: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
 	}
 	return nil
+}
+
+// jumpExists reports whether ch's jump is in its parent chain. iptables refuses to even look for
+// a jump to a chain that does not exist, and such a jump cannot exist, so that case is false.
+func jumpExists(ipt *iptables.IPTables, ch chain) (bool, error) {
+	ok, err := ipt.ChainExists(ch.table, ch.name)
+	if err == nil && ok {
+		ok, err = ipt.Exists(ch.table, ch.parent, ch.jump...)
+	}
+	if err != nil {
+		return false, fmt.Errorf("look for jump to %s in %s %s: %w", ch.name, ch.table, ch.parent, err)
+	}
+	return ok, nil
 }
 
 // Check verifies, in the netns at nsPath, that everything Apply installs for c is present and
@@ -300,9 +313,9 @@ func removeFamily(t familyTools, c Config) error {
 	for _, ch := range chs {
 		// Loop, so that duplicates someone added by hand go too.
 		for {
-			ok, err := ipt.Exists(ch.table, ch.parent, ch.jump...)
+			ok, err := jumpExists(ipt, ch)
 			if err != nil {
-				return fmt.Errorf("look for jump to %s: %w", ch.name, err)
+				return err
 			}
 			if !ok {
 				break

@@ -18,7 +18,8 @@ type chain struct {
 }
 
 // chains returns the ruleset of one family (4 or 6). Only c's addresses of that family appear in
-// it; duplicates are dropped so that a sloppy config still yields a tidy chain.
+// it; duplicates (and, for callers that skipped Validate, invalid values) are dropped so that a
+// sloppy config still yields a tidy chain.
 func chains(c Config, family int) []chain {
 	hostBits := 32
 	if family == 6 {
@@ -28,7 +29,7 @@ func chains(c Config, family int) []chain {
 		var out []string
 		for _, a := range addrs {
 			a = a.Unmap()
-			if a.Is4() == (family == 4) {
+			if a.IsValid() && a.Is4() == (family == 4) {
 				out = appendUnique(out, netip.PrefixFrom(a, hostBits).String())
 			}
 		}
@@ -40,8 +41,8 @@ func chains(c Config, family int) []chain {
 			cidrs = appendUnique(cidrs, p.Masked().String())
 		}
 	}
-	socketMark := hex(SocketMark) + "/" + hex(MarkMask)
-	connMark := hex(ConnMark) + "/" + hex(MarkMask)
+	socketMark := hexMark(SocketMark) + "/" + hexMark(MarkMask)
+	connMark := hexMark(ConnMark) + "/" + hexMark(MarkMask)
 	returnFromPort := func(p uint16) []string {
 		return []string{"-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(int(p)), "-j", "RETURN"}
 	}
@@ -88,7 +89,7 @@ func chains(c Config, family int) []chain {
 			// ... so that the app's replies, addressed to the spoofed client, get the fwmark that
 			// the policy rule routes to lo, where the daemon's socket receives them.
 			rules: [][]string{{"-m", "connmark", "--mark", connMark, "-j", "CONNMARK", "--restore-mark",
-				"--nfmask", hex(MarkMask), "--ctmask", hex(MarkMask)}},
+				"--nfmask", hexMark(MarkMask), "--ctmask", hexMark(MarkMask)}},
 		},
 	}
 }
@@ -133,7 +134,7 @@ func restoreInput(chs []chain, missing []chain) string {
 	return b.String()
 }
 
-func hex(v int) string { return "0x" + strconv.FormatInt(int64(v), 16) }
+func hexMark(v int) string { return "0x" + strconv.FormatInt(int64(v), 16) }
 
 func appendUnique(s []string, v string) []string {
 	if slices.Contains(s, v) {

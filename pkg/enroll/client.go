@@ -93,11 +93,12 @@ func (c *Client) GC(ctx context.Context, keep []string) ([]string, error) {
 	return resp.Removed, nil
 }
 
-// Status returns the daemon's status.
+// Status returns the daemon's status. Its errors are not wrapped further: they already say
+// that meshlessd, at which socket, could not answer.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	var s Status
 	if err := c.do(ctx, http.MethodGet, "/v1/status", nil, &s); err != nil {
-		return Status{}, fmt.Errorf("daemon status: %w", err)
+		return Status{}, err
 	}
 	return s, nil
 }

@@ -250,12 +250,12 @@ func run(res *testproto.Result, target, mode string, size int64, marker string, 
 		_, rerr := io.Copy(dst, c)
 		wg.Wait()
 		res.Sent, res.SentSHA256 = sent.N, sent.Sum()
-		res.Received, res.ReceivedSHA256 = got.N, got.Sum()
 		if mode == testproto.CmdSink {
 			res.Received = int64(reply.Len())
 			res.Reply = strings.TrimSpace(reply.String())
 			res.Match = res.Reply == fmt.Sprintf("%d %s", sent.N, sent.Sum())
 		} else {
+			res.Received, res.ReceivedSHA256 = got.N, got.Sum()
 			res.Match = got.N == sent.N && got.Sum() == sent.Sum()
 		}
 		if werr != nil {

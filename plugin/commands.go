@@ -1,0 +1,231 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/meshless/meshless/pkg/capture"
+	"github.com/meshless/meshless/pkg/enroll"
+)
+
+// cmdAdd captures the pod's traffic and enrolls it. The rules go in first, so that from the
+// moment the pod is enrolled nothing it sends escapes the daemon; if enrollment fails they are
+// taken out again, so that a failed ADD leaves no pod half wired behind.
+func cmdAdd(args *skel.CmdArgs) error {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log := conf.logger("ADD")
+	prev, err := conf.prevResult()
+	if err != nil {
+		return err
+	}
+	pod, id, err := podFromArgs(args, prev)
+	if err != nil {
+		return err
+	}
+	log = log.With("namespace", pod.Namespace, "pod", pod.Name, "container", pod.ContainerID, "netns", pod.Netns)
+	if id.Fallback {
+		log.Warn("CNI_ARGS has no K8S_POD_NAMESPACE/K8S_POD_NAME (not run by Kubernetes?); enrolling the pod under a name made from its container ID")
+	}
+
+	ctx := context.Background()
+	client := enroll.NewClient(conf.SocketPath)
+	backend, err := readyBackend(ctx, client)
+	if err != nil {
+		return err
+	}
+	cc, err := captureConfig(conf, backend, pod.IPs)
+	if err != nil {
+		return err
+	}
+	log.Debug("installing capture rules", "backend", backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
+	if err := capture.Apply(pod.Netns, cc); err != nil {
+		return types.NewError(types.ErrInternal, err.Error(), "")
+	}
+	e, err := client.Enroll(ctx, pod)
+	if err != nil {
+		if rerr := capture.Remove(pod.Netns, cc); rerr != nil {
+			log.Error("rolling back the capture rules failed", "reason", rerr)
+			err = fmt.Errorf("%w (rolling back the capture rules also failed: %v)", err, rerr)
+		}
+		return daemonError(err)
+	}
+	log.Info("pod enrolled", "spiffe_id", e.SPIFFEID, "ips", pod.IPs, "infra_container", id.InfraContainerID)
+	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+}
+
+// cmdDel tells the daemon to forget the pod. It succeeds whenever the pod is or will be
+// forgotten: the daemon also drops pods whose netns is gone, so an unreachable daemon is no
+// reason to block the runtime. The capture rules are left in place: they die with the netns,
+// and removing them while a container still runs would let it send plaintext.
+func cmdDel(args *skel.CmdArgs) error {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log := conf.logger("DEL").With("container", args.ContainerID)
+	err = enroll.NewClient(conf.SocketPath).Remove(context.Background(), args.ContainerID)
+	switch {
+	case err == nil, errors.Is(err, enroll.ErrNotFound):
+		log.Debug("pod removed from meshlessd")
+		return nil
+	case errors.Is(err, enroll.ErrUnreachable):
+		log.Warn("meshlessd unreachable; it forgets the pod itself once the pod's netns is gone", "reason", err)
+		return nil
+	}
+	return daemonError(err)
+}
+
+// cmdCheck verifies that the capture rules are complete and that the daemon serves the pod
+// with the addresses prevResult gives it.
+func cmdCheck(args *skel.CmdArgs) error {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	prev, err := conf.prevResult()
+	if err != nil {
+		return err
+	}
+	pod, _, err := podFromArgs(args, prev)
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+	client := enroll.NewClient(conf.SocketPath)
+	backend, err := readyBackend(ctx, client)
+	if err != nil {
+		return err
+	}
+	cc, err := captureConfig(conf, backend, pod.IPs)
+	if err != nil {
+		return err
+	}
+	if err := capture.Check(pod.Netns, cc); err != nil {
+		return types.NewError(types.ErrInternal,
+			fmt.Sprintf("capture rules missing in netns %s: %v; re-create the pod", pod.Netns, err), "")
+	}
+	e, err := client.Get(ctx, pod.ContainerID)
+	switch {
+	case errors.Is(err, enroll.ErrNotFound):
+		return types.NewError(types.ErrInternal,
+			fmt.Sprintf("pod %s/%s (container %s) is not enrolled with meshlessd at %s, so its connections are refused; re-create the pod",
+				pod.Namespace, pod.Name, pod.ContainerID, conf.SocketPath), "")
+	case err != nil:
+		return daemonError(err)
+	}
+	if !sameAddrs(e.Pod.IPs, pod.IPs) {
+		return types.NewError(types.ErrInternal,
+			fmt.Sprintf("pod %s/%s (container %s) is enrolled with IPs %v but prevResult gives it %v; re-create the pod",
+				pod.Namespace, pod.Name, pod.ContainerID, e.Pod.IPs, pod.IPs), "")
+	}
+	return nil
+}
+
+// cmdGC tells the daemon which attachments are still valid; it forgets every other pod.
+func cmdGC(args *skel.CmdArgs) error {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	// A missing list is not an empty one: reading it as "nothing is valid" would cut every pod off.
+	if conf.ValidAttachments == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, `GC needs "cni.dev/valid-attachments" in the configuration (the runtime passes it)`, "")
+	}
+	keep := make([]string, 0, len(conf.ValidAttachments))
+	for _, a := range conf.ValidAttachments {
+		if !slices.Contains(keep, a.ContainerID) {
+			keep = append(keep, a.ContainerID)
+		}
+	}
+	removed, err := enroll.NewClient(conf.SocketPath).GC(context.Background(), keep)
+	if err != nil {
+		return daemonError(err)
+	}
+	if len(removed) > 0 {
+		conf.logger("GC").Info("meshlessd forgot stale pods", "removed", removed, "kept", len(keep))
+	}
+	return nil
+}
+
+// cmdStatus reports whether pods can be added: only when meshlessd is reachable and ready.
+func cmdStatus(args *skel.CmdArgs) error {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	client := enroll.NewClient(conf.SocketPath)
+	st, err := client.Status(context.Background())
+	if err != nil {
+		return types.NewError(types.ErrPluginNotAvailable, err.Error(), "")
+	}
+	if !st.Ready {
+		return types.NewError(types.ErrPluginNotAvailable,
+			fmt.Sprintf("meshlessd at %s is running but not ready (see its logs and /readyz on this node)", client.Socket()), "")
+	}
+	return nil
+}
+
+// podFromArgs assembles the pod the runtime is wiring and validates it before anything is touched.
+func podFromArgs(args *skel.CmdArgs, prev *current.Result) (enroll.Pod, podIdentity, error) {
+	ips, err := podIPs(prev)
+	if err != nil {
+		return enroll.Pod{}, podIdentity{}, err
+	}
+	id, err := identity(args)
+	if err != nil {
+		return enroll.Pod{}, podIdentity{}, err
+	}
+	pod := enroll.Pod{
+		ContainerID: args.ContainerID,
+		IfName:      args.IfName,
+		Netns:       args.Netns,
+		Namespace:   id.Namespace,
+		Name:        id.Name,
+		UID:         id.UID,
+		IPs:         ips,
+	}
+	if err := pod.Validate(); err != nil {
+		return enroll.Pod{}, podIdentity{}, types.NewError(types.ErrInvalidEnvironmentVariables,
+			fmt.Sprintf("the runtime's arguments describe a pod meshless cannot serve: %v", err), "")
+	}
+	return pod, id, nil
+}
+
+// captureConfig is the capture of a pod with the given addresses. The node's addresses are
+// read here, in the host netns where the plugin runs.
+func captureConfig(conf *Config, backend capture.Backend, ips []netip.Addr) (capture.Config, error) {
+	nodeIPs, err := capture.NodeAddrs()
+	if err != nil {
+		return capture.Config{}, types.NewError(types.ErrInternal, err.Error(), "")
+	}
+	cc := capture.Config{
+		Backend:              backend,
+		PodIPs:               ips,
+		NodeIPs:              nodeIPs,
+		ExcludeInboundPorts:  conf.inboundPorts,
+		ExcludeOutboundPorts: conf.outboundPorts,
+		ExcludeOutboundCIDRs: conf.outboundCIDRs,
+	}
+	if err := cc.Validate(); err != nil {
+		return capture.Config{}, types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("capture configuration: %v", err), "")
+	}
+	return cc, nil
+}
+
+// sameAddrs reports whether a and b hold the same addresses, in any order.
+func sameAddrs(a, b []netip.Addr) bool {
+	a, b = slices.Clone(a), slices.Clone(b)
+	slices.SortFunc(a, netip.Addr.Compare)
+	slices.SortFunc(b, netip.Addr.Compare)
+	return slices.Equal(slices.Compact(a), slices.Compact(b))
+}
