@@ -52,6 +52,10 @@ type Agent struct {
 
 	mu   sync.Mutex
 	pods map[string]*pod
+	// pending holds restored records whose data path could not be opened yet
+	// (for example while the previous daemon still holds the listeners during
+	// an upgrade); Reconcile retries them.
+	pending map[string]record
 }
 
 type pod struct {
@@ -70,7 +74,7 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	return &Agent{cfg: cfg, store: st, pods: make(map[string]*pod)}, nil
+	return &Agent{cfg: cfg, store: st, pods: make(map[string]*pod), pending: make(map[string]record)}, nil
 }
 
 // Enroll gives the pod its identity and opens its data path. Enrolling the
@@ -86,6 +90,7 @@ func (a *Agent) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment, erro
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	delete(a.pending, p.ContainerID)
 	if old, ok := a.pods[p.ContainerID]; ok {
 		if old.rec.Netns == nsID && slices.Equal(old.rec.Enrollment.Pod.IPs, p.IPs) {
 			return old.rec.Enrollment, nil
@@ -169,7 +174,15 @@ func (a *Agent) Remove(_ context.Context, containerID string) error {
 	if pd, ok := a.pods[containerID]; ok {
 		a.detachLocked(pd, "CNI DEL")
 	}
-	return nil
+	return a.dropPendingLocked(containerID)
+}
+
+func (a *Agent) dropPendingLocked(containerID string) error {
+	if _, ok := a.pending[containerID]; !ok {
+		return nil
+	}
+	delete(a.pending, containerID)
+	return a.store.remove(containerID)
 }
 
 // Get returns the pod's enrollment.
@@ -187,15 +200,24 @@ func (a *Agent) Get(_ context.Context, containerID string) (enroll.Enrollment, e
 func (a *Agent) GC(_ context.Context, keep []string) ([]string, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	var removed []string
+	var (
+		removed []string
+		errs    []error
+	)
 	for id, pd := range a.pods {
 		if !slices.Contains(keep, id) {
 			a.detachLocked(pd, "CNI GC")
 			removed = append(removed, id)
 		}
 	}
+	for id := range a.pending {
+		if !slices.Contains(keep, id) {
+			errs = append(errs, a.dropPendingLocked(id))
+			removed = append(removed, id)
+		}
+	}
 	slices.Sort(removed)
-	return removed, nil
+	return removed, errors.Join(errs...)
 }
 
 // Status describes the agent for the plugin and for operators.
@@ -228,25 +250,34 @@ func (a *Agent) Restore() int {
 	defer a.mu.Unlock()
 	restored := 0
 	for _, rec := range records {
-		p := rec.Enrollment.Pod
-		if err := a.stillThere(rec); err != nil {
-			a.cfg.Log.Info("pod gone while the daemon was down", "pod", p.Name, "namespace", p.Namespace, "reason", err)
-			if err := a.store.remove(p.ContainerID); err != nil {
-				a.cfg.Log.Error("pod state not removed", "pod", p.Name, "namespace", p.Namespace, "reason", err)
-			}
-			continue
+		if a.restoreLocked(rec) {
+			restored++
 		}
-		pd, err := a.attachLocked(rec)
-		if err != nil {
-			// The record stays: the next restart, or the plugin's CHECK, tries again.
-			a.cfg.Log.Error("pod not re-attached", "pod", p.Name, "namespace", p.Namespace, "reason", err)
-			continue
-		}
-		restored++
-		a.cfg.Log.Info("pod re-attached", "pod", p.Name, "namespace", p.Namespace, "spiffe_id", pd.id.String())
 	}
 	a.ready.Store(true)
 	return restored
+}
+
+// restoreLocked re-attaches one recorded pod, drops the record of a pod that
+// is gone, and keeps the record pending when attaching fails.
+func (a *Agent) restoreLocked(rec record) bool {
+	p := rec.Enrollment.Pod
+	delete(a.pending, p.ContainerID)
+	if err := a.stillThere(rec); err != nil {
+		a.cfg.Log.Info("pod gone while the daemon was down", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+		if err := a.store.remove(p.ContainerID); err != nil {
+			a.cfg.Log.Error("pod state not removed", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+		}
+		return false
+	}
+	pd, err := a.attachLocked(rec)
+	if err != nil {
+		a.pending[p.ContainerID] = rec
+		a.cfg.Log.Error("pod not re-attached; will retry", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+		return false
+	}
+	a.cfg.Log.Info("pod re-attached", "pod", p.Name, "namespace", p.Namespace, "spiffe_id", pd.id.String())
+	return true
 }
 
 func (a *Agent) stillThere(rec record) error {
@@ -262,7 +293,8 @@ func (a *Agent) stillThere(rec record) error {
 
 // Reconcile forgets, every interval until ctx ends, the pods whose network
 // namespace has gone without a CNI DEL reaching us (the daemon was down or
-// unreachable when the runtime tore the pod down).
+// unreachable when the runtime tore the pod down), and retries the restored
+// pods that could not be re-attached yet.
 func (a *Agent) Reconcile(ctx context.Context, interval time.Duration) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
@@ -277,6 +309,9 @@ func (a *Agent) Reconcile(ctx context.Context, interval time.Duration) {
 			if err := a.stillThere(pd.rec); err != nil {
 				a.detachLocked(pd, "netns gone: "+err.Error())
 			}
+		}
+		for _, rec := range a.pending {
+			a.restoreLocked(rec)
 		}
 		a.mu.Unlock()
 	}

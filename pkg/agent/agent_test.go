@@ -406,3 +406,49 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// A restarted daemon that finds a pod's capture port still held (the old
+// daemon is exiting during an upgrade) keeps the pod pending and attaches it
+// as soon as the port is free.
+func TestRestoreRetriesBusyPod(t *testing.T) {
+	node := newNode(t)
+	client, server := node.addPod(t, 1), node.addPod(t, 2)
+	caDir, stateDir := t.TempDir(), t.TempDir()
+	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	echoServer(t, server, 8080)
+	first := newAgent(t, tunnel.Strict, stateDir, caDir)
+	first.enroll(t, client, "client")
+	first.enroll(t, server, "server")
+	first.close()
+
+	var busy net.Listener
+	err := ns.WithNetNSPath(client.netns, func(ns.NetNS) error {
+		var err error
+		busy, err = net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", capture.OutboundPort))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := newAgent(t, tunnel.Strict, stateDir, caDir)
+	if n := second.agent.Restore(); n != 1 {
+		t.Fatalf("re-attached %d pods while one port was busy, want 1", n)
+	}
+	busy.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go second.agent.Reconcile(ctx, 50*time.Millisecond)
+	waitFor(t, func() bool { return second.agent.Status(ctx).Pods == 2 })
+
+	c, err := dialFrom(t, client, netip.AddrPortFrom(server.ips[0], 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, echo := exchange(t, c, "retry")
+	c.Close()
+	if echo != "retry" {
+		t.Fatalf("echo %q", echo)
+	}
+}
