@@ -211,7 +211,7 @@ func TestCoreStrict(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if res.Match || res.Received > 0 || (res.ErrorKind != conformance.KindReset && res.ErrorKind != conformance.KindEOF) {
+		if res.Match || res.Received > 0 || res.ErrorKind != conformance.KindReset {
 			t.Errorf("plaintext from a pod outside the mesh: %+v, want refused (reset)", res)
 		}
 		conns, err := conformance.ServerConns(e.srv)

@@ -199,6 +199,43 @@ func TestHarnessDualStack(t *testing.T) {
 	}
 }
 
+// TestHarnessTwoNodes checks the multi-node shape: nodes of one cluster get their own namespace,
+// bridge and slice of the cluster's pod space.
+func TestHarnessTwoNodes(t *testing.T) {
+	needRoot(t)
+	ctx := testCtx(t)
+	c := harnessCluster(t, true)
+	var pods []*conformance.Pod
+	for range 2 {
+		n, err := c.AddNode(ctx, conformance.NodeConfig{NoDaemon: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := n.AddPlainPod(ctx, conformance.PodConfig{Name: "p"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !n.PodCIDR.Contains(p.IPv4()) || !n.PodCIDR6.Contains(p.IPv6()) {
+			t.Errorf("pod %v is outside its node's CIDRs %s %s", p.IPs(), n.PodCIDR, n.PodCIDR6)
+		}
+		for _, cidr := range c.MeshCIDRs() {
+			if !cidr.Contains(p.IPv4()) && !cidr.Contains(p.IPv6()) {
+				t.Errorf("mesh CIDR %s holds neither of %v", cidr, p.IPs())
+			}
+		}
+		pods = append(pods, p)
+	}
+	nodes := c.Nodes()
+	if len(nodes) != 2 || nodes[0].PodCIDR.Overlaps(nodes[1].PodCIDR) || nodes[0].PodCIDR6.Overlaps(nodes[1].PodCIDR6) || nodes[0].Netns == nodes[1].Netns {
+		for _, n := range nodes {
+			t.Errorf("nodes are not distinct: %s %s %s", n.Netns, n.PodCIDR, n.PodCIDR6)
+		}
+	}
+	if pods[0].IPv4() == pods[1].IPv4() {
+		t.Errorf("pods on different nodes share %s", pods[0].IPv4())
+	}
+}
+
 func TestHarnessClosedPort(t *testing.T) {
 	needRoot(t)
 	ctx := testCtx(t)

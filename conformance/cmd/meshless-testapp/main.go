@@ -258,11 +258,13 @@ func run(res *testproto.Result, target, mode string, size int64, marker string, 
 			res.Received, res.ReceivedSHA256 = got.N, got.Sum()
 			res.Match = got.N == sent.N && got.Sum() == sent.Sum()
 		}
-		if werr != nil {
-			fail(werr)
-		}
+		// The read side sees how the connection ended (a reset, say); a write that failed
+		// because of it says less, so it is reported only when the read side was fine.
 		if rerr != nil {
 			fail(rerr)
+		}
+		if werr != nil {
+			fail(werr)
 		}
 		if res.Error == "" && !res.Match && res.Received == 0 {
 			// The server closed without answering: report it as EOF, not as a silent mismatch.
