@@ -46,6 +46,8 @@ type ClusterConfig struct {
 	Workloads map[string]string
 	// CNIVersion is the cniVersion of the generated conflists.
 	CNIVersion string
+	// Join is how nodes reach each other's pods; empty means JoinHostGW.
+	Join Join
 }
 
 // Cluster is a set of simulated nodes sharing one CA and one pod address space.
@@ -54,10 +56,13 @@ type Cluster struct {
 	Config ClusterConfig
 	Dir    string
 
-	mu     sync.Mutex
-	caDir  string
-	nodes  []*Node
-	nextID int
+	mu           sync.Mutex
+	caDir        string
+	nodes        []*Node
+	nextID       int
+	fabric       string
+	externals    []*External
+	nextExternal int
 }
 
 // NewCluster prepares a cluster's directory; nodes are added with AddNode.
@@ -79,6 +84,13 @@ func NewCluster(env Env, cfg ClusterConfig) (*Cluster, error) {
 	}
 	if cfg.CNIVersion == "" {
 		cfg.CNIVersion = DefaultCNIVersion
+	}
+	switch cfg.Join {
+	case "":
+		cfg.Join = JoinHostGW
+	case JoinHostGW, JoinVXLAN:
+	default:
+		return nil, fmt.Errorf("cluster config: unknown join %q", cfg.Join)
 	}
 	dir := cfg.Dir
 	if dir == "" {

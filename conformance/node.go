@@ -67,10 +67,13 @@ type Node struct {
 	// the node's own connections to its pods (kubelet probes).
 	PodCIDR, PodCIDR6 netip.Prefix
 	Gateway, Gateway6 netip.Addr
-	Socket, StateDir  string
-	LogPath, CNILog   string
-	ConfDir, CacheDir string
-	WorkloadsPath     string
+	// Underlay and Underlay6 are the node's addresses on the network between nodes.
+	Underlay, Underlay6 netip.Addr
+	overlay, overlay6   netip.Addr
+	Socket, StateDir    string
+	LogPath, CNILog     string
+	ConfDir, CacheDir   string
+	WorkloadsPath       string
 
 	cni      *libcni.CNIConfig
 	cniLog   *os.File
@@ -158,6 +161,9 @@ func (c *Cluster) AddNode(ctx context.Context, cfg NodeConfig) (*Node, error) {
 			n.dumpLogs()
 		}
 	})
+	if err := c.joinNode(ctx, n, id); err != nil {
+		return nil, err
+	}
 	if !cfg.NoDaemon {
 		if n.WorkloadsPath, err = c.writeWorkloads(); err != nil {
 			return nil, err
