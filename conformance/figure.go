@@ -1,6 +1,5 @@
 package conformance
 
-
 // FigurePrefix starts the log line of a measured figure; the conformance report
 // (conformance/cmd/report) collects these lines from `go test -json` output.
 const FigurePrefix = "FIGURE "
