@@ -36,7 +36,7 @@ var (
 	fullErr     error
 )
 
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (network namespaces, iptables, tcpdump)")
@@ -59,7 +59,7 @@ func harnessBinaries(t *testing.T) *conformance.Bins {
 
 // binaries builds meshless and everything around it, once per test binary. A build failure
 // fails the test: a broken meshless must never look like a skipped suite.
-func binaries(t *testing.T) *conformance.Bins {
+func binaries(t testing.TB) *conformance.Bins {
 	t.Helper()
 	fullOnce.Do(func() {
 		ctx, cancel := buildCtx()
@@ -78,7 +78,7 @@ func buildCtx() (context.Context, context.CancelFunc) {
 }
 
 // testCtx returns a context that ends with the test (or after a generous bound).
-func testCtx(t *testing.T) context.Context {
+func testCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	t.Cleanup(cancel)
 	return ctx
