@@ -306,6 +306,9 @@ func TestPodsTalkOverMTLS(t *testing.T) {
 		if r["result"] != "ok" || r["mtls"] != true {
 			t.Errorf("connection not ok over mTLS: %v", r)
 		}
+		if r["tls_group"] != "X25519MLKEM768" {
+			t.Errorf("key exchange %v, want the post-quantum X25519MLKEM768", r["tls_group"])
+		}
 		seen[r["direction"].(string)] = fmt.Sprint(r["peer_id"])
 	}
 	if got := seen["outbound"]; got != "spiffe://cluster.local/ns/shop/sa/seller" {

@@ -32,8 +32,20 @@ type flow struct {
 	src, dst  netip.AddrPort
 	peer      spiffeid.ID
 	mtls      bool
-	start     time.Time
-	up, down  int64
+	// group and resumed describe the TLS handshake: the key exchange
+	// (X25519MLKEM768 unless post-quantum is off) and whether a session ticket
+	// saved the certificate exchange.
+	group    tls.CurveID
+	resumed  bool
+	start    time.Time
+	up, down int64
+}
+
+// handshake records what the verified handshake established.
+func (f *flow) handshake(cs tls.ConnectionState) {
+	f.peer, _ = meshtls.PeerID(cs)
+	f.group = cs.CurveID
+	f.resumed = cs.DidResume
 }
 
 func (t *PodTunnel) finish(f *flow, result string, reason error) {
@@ -56,7 +68,8 @@ func (t *PodTunnel) finish(f *flow, result string, reason error) {
 		slog.String("result", result),
 	}
 	if !f.peer.IsZero() {
-		attrs = append(attrs, slog.String("peer_id", f.peer.String()))
+		attrs = append(attrs, slog.String("peer_id", f.peer.String()),
+			slog.String("tls_group", f.group.String()), slog.Bool("tls_resumed", f.resumed))
 	}
 	level := slog.LevelInfo
 	if reason != nil {
@@ -121,7 +134,7 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 		t.finish(f, resultHandshakeFailed, err)
 		return
 	}
-	f.peer, _ = meshtls.PeerID(conn.ConnectionState())
+	f.handshake(conn.ConnectionState())
 	f.up, f.down, err = relay(app, conn, abort)
 	t.finish(f, relayResult(err), err)
 }
@@ -181,7 +194,7 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 		t.finish(f, resultHandshakeFailed, err)
 		return
 	}
-	f.peer, _ = meshtls.PeerID(conn.ConnectionState())
+	f.handshake(conn.ConnectionState())
 	t.toApp(f, client, conn, nil)
 }
 
