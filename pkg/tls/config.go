@@ -12,8 +12,8 @@ import (
 )
 
 // Configs builds one long-lived tls.Config per identity and role; callbacks ask the Source at every
-// handshake. Configs are cached and must be used as they are, never cloned per connection: a clone
-// has an empty session cache (client) or shares ticket keys it should not (server).
+// handshake. Configs are cached and must be used as they are, never cloned per connection: server
+// session ticket keys are made on first use, so per-connection clones would never resume.
 type Configs struct {
 	src       Source
 	authorize tlsconfig.Authorizer

@@ -122,16 +122,19 @@ func (s *CASource) Release(id spiffeid.ID) {
 // SVID returns the current SVID of id, which must be held (see Acquire).
 func (s *CASource) SVID(id spiffeid.ID) (*x509svid.SVID, error) {
 	s.mu.Lock()
-	h, ok := s.held[id]
+	var svid *x509svid.SVID
+	if h, ok := s.held[id]; ok {
+		svid = h.svid
+	}
 	s.mu.Unlock()
-	if !ok {
+	if svid == nil {
 		return nil, fmt.Errorf("no SVID for %s: identity not acquired on this node", id)
 	}
 	// Refusing locally gives a clearer reason than letting the peer reject an expired certificate.
-	if exp := h.svid.Certificates[0].NotAfter; !s.now().Before(exp) {
+	if exp := svid.Certificates[0].NotAfter; !s.now().Before(exp) {
 		return nil, fmt.Errorf("SVID for %s expired at %s and could not be re-minted", id, exp.UTC().Format(time.RFC3339))
 	}
-	return h.svid, nil
+	return svid, nil
 }
 
 // GetX509BundleForTrustDomain returns the CA certificates as the bundle of the source's trust
@@ -147,7 +150,9 @@ func (s *CASource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bu
 // re-mint is logged and retried while the current SVID stays in use. One timer serves every
 // identity. Call it once per CASource.
 func (s *CASource) Run(ctx context.Context) error {
-	timer := time.NewTimer(time.Hour)
+	// Created stopped; each turn arms it for the next renewal.
+	timer := time.NewTimer(0)
+	timer.Stop()
 	defer timer.Stop()
 	for {
 		var due <-chan time.Time

@@ -18,8 +18,12 @@ const DefaultServiceAccount = "default"
 // API outside a cluster (demo, tests). The nil Workloads maps every pod to the default account.
 type Workloads map[string]string
 
-// LoadWorkloads reads a JSON object {"namespace/name": "serviceaccount", ...} from path.
+// LoadWorkloads reads a JSON object {"namespace/name": "serviceaccount", ...} from path. An empty
+// path (no --workloads flag) gives the empty mapping.
 func LoadWorkloads(path string) (Workloads, error) {
+	if path == "" {
+		return nil, nil
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("workloads file: %w", err)

@@ -29,6 +29,9 @@ func TestLoadWorkloads(t *testing.T) {
 	if got := none.ServiceAccount("demo", "client"); got != "default" {
 		t.Errorf("nil Workloads: ServiceAccount = %s, want default", got)
 	}
+	if w, err := LoadWorkloads(""); err != nil || w.ServiceAccount("demo", "x") != "default" {
+		t.Errorf("no file: %v, %v", w, err)
+	}
 	for _, content := range []string{`{}`, `null`} {
 		w, err := LoadWorkloads(writeWorkloads(t, content))
 		if err != nil || w.ServiceAccount("demo", "x") != "default" {
