@@ -166,7 +166,7 @@ func runCmd(args []string, stdout io.Writer) error {
 		Mode:        mode,
 		Backend:     backend,
 		StateDir:    f.stateDir,
-		Workloads:   workloads,
+		Accounts:    agent.WorkloadsFile{Workloads: workloads},
 		Identities:  source,
 		TLS:         configs,
 		Proxy:       proxy,

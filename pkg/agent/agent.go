@@ -24,10 +24,24 @@ import (
 
 // IdentitySource holds SVIDs for the identities that enrolled pods use.
 type IdentitySource interface {
-	// Acquire makes an SVID for id available (reference counted).
-	Acquire(id spiffeid.ID) error
+	// Acquire makes an SVID for the workload's ID available (reference counted).
+	Acquire(w meshtls.Workload) error
 	// Release drops one reference taken by Acquire.
 	Release(id spiffeid.ID)
+}
+
+// ServiceAccounts tells which service account a pod runs as. Its answer, given once at
+// enrollment, fixes the pod's identity for the pod's whole life.
+type ServiceAccounts interface {
+	ServiceAccountOf(ctx context.Context, pod enroll.Pod) (string, error)
+}
+
+// WorkloadsFile resolves service accounts from a --workloads mapping, outside Kubernetes.
+type WorkloadsFile struct{ Workloads meshtls.Workloads }
+
+// ServiceAccountOf returns the mapped service account, "default" when the pod is not mapped.
+func (w WorkloadsFile) ServiceAccountOf(_ context.Context, p enroll.Pod) (string, error) {
+	return w.Workloads.ServiceAccount(p.Namespace, p.Name), nil
 }
 
 // Config is what the agent is built from.
@@ -37,7 +51,7 @@ type Config struct {
 	Mode        tunnel.Mode
 	Backend     capture.Backend
 	StateDir    string
-	Workloads   meshtls.Workloads
+	Accounts    ServiceAccounts
 	Identities  IdentitySource
 	TLS         *meshtls.Configs
 	Proxy       *tunnel.Proxy
@@ -80,13 +94,18 @@ func New(cfg Config) (*Agent, error) {
 // Enroll gives the pod its identity and opens its data path. Enrolling the
 // same container in the same netns again returns the existing enrollment; the
 // same container ID in a new netns replaces the old enrollment.
-func (a *Agent) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment, error) {
+func (a *Agent) Enroll(ctx context.Context, p enroll.Pod) (enroll.Enrollment, error) {
 	if err := p.Validate(); err != nil {
 		return enroll.Enrollment{}, err
 	}
 	nsID, err := statNetns(p.Netns)
 	if err != nil {
 		return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: %w: %w", p.Namespace, p.Name, enroll.ErrInvalid, err)
+	}
+	// Resolved before taking the lock: in Kubernetes this may wait for the API to show the pod.
+	sa, err := a.cfg.Accounts.ServiceAccountOf(ctx, p)
+	if err != nil {
+		return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: service account: %w", p.Namespace, p.Name, err)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -98,8 +117,9 @@ func (a *Agent) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment, erro
 		a.detachLocked(old, "re-enrolled with a new network namespace")
 	}
 	rec := record{
-		Enrollment: enroll.Enrollment{Pod: p, EnrolledAt: time.Now().UTC()},
-		Netns:      nsID,
+		Enrollment:     enroll.Enrollment{Pod: p, EnrolledAt: time.Now().UTC()},
+		ServiceAccount: sa,
+		Netns:          nsID,
 	}
 	pd, err := a.attachLocked(rec)
 	if err != nil {
@@ -114,16 +134,15 @@ func (a *Agent) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment, erro
 	return pd.rec.Enrollment, nil
 }
 
-// attachLocked resolves the pod's identity and opens its listeners. The
-// identity is fixed here, at enrollment, for the pod's whole life.
+// attachLocked takes the identity the record names and opens the pod's listeners.
 func (a *Agent) attachLocked(rec record) (*pod, error) {
 	p := rec.Enrollment.Pod
-	sa := a.cfg.Workloads.ServiceAccount(p.Namespace, p.Name)
-	id, err := meshtls.WorkloadID(a.cfg.TrustDomain, p.Namespace, sa)
+	id, err := meshtls.WorkloadID(a.cfg.TrustDomain, p.Namespace, rec.ServiceAccount)
 	if err != nil {
 		return nil, fmt.Errorf("enroll pod %s/%s: %w", p.Namespace, p.Name, err)
 	}
-	if err := a.cfg.Identities.Acquire(id); err != nil {
+	w := meshtls.Workload{ID: id, Namespace: p.Namespace, ServiceAccount: rec.ServiceAccount, PodName: p.Name, PodUID: p.UID}
+	if err := a.cfg.Identities.Acquire(w); err != nil {
 		return nil, fmt.Errorf("enroll pod %s/%s: identity %s: %w", p.Namespace, p.Name, id, err)
 	}
 	t, err := a.cfg.Proxy.Attach(tunnel.Pod{

@@ -166,7 +166,7 @@ func newAgent(t *testing.T, mode tunnel.Mode, stateDir, caDir string) *fixture {
 		Mode:        mode,
 		Backend:     capture.NFT,
 		StateDir:    stateDir,
-		Workloads:   meshtls.Workloads{"shop/client": "buyer", "shop/server": "seller"},
+		Accounts:    WorkloadsFile{meshtls.Workloads{"shop/client": "buyer", "shop/server": "seller"}},
 		Identities:  src,
 		TLS:         configs,
 		Proxy:       proxy,

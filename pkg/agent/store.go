@@ -15,6 +15,9 @@ import (
 // record is what survives a daemon restart for one enrolled pod.
 type record struct {
 	Enrollment enroll.Enrollment `json:"enrollment"`
+	// ServiceAccount was resolved at enrollment; a restart reuses it rather than asking again,
+	// so a pod's identity never changes under it.
+	ServiceAccount string `json:"serviceAccount"`
 	// Netns identifies the pod's network namespace itself, not just its path,
 	// so that a restart never attaches to a namespace that merely reused the name.
 	Netns netnsID `json:"netnsID"`

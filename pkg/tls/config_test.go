@@ -177,7 +177,7 @@ func TestRotationKeepsConnections(t *testing.T) {
 	src.now = clock.Now
 	a, b := mustID(t, testTD, "demo", "a"), mustID(t, testTD, "demo", "b")
 	for _, id := range []spiffeid.ID{a, b} {
-		if err := src.Acquire(id); err != nil {
+		if err := src.Acquire(Workload{ID: id}); err != nil {
 			t.Fatal(err)
 		}
 	}

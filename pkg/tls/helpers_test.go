@@ -52,7 +52,7 @@ func newTestSource(t testing.TB, ids ...spiffeid.ID) *CASource {
 	t.Helper()
 	src := NewCASource(newTestCA(t), testTD, time.Hour, nil)
 	for _, id := range ids {
-		if err := src.Acquire(id); err != nil {
+		if err := src.Acquire(Workload{ID: id}); err != nil {
 			t.Fatal(err)
 		}
 	}

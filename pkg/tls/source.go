@@ -70,9 +70,20 @@ func NewCASource(ca *CA, td spiffeid.TrustDomain, ttl time.Duration, log *slog.L
 	}
 }
 
-// Acquire makes sure an SVID for id is held, minting one if needed. Calls are counted: pods
+// Workload is a pod as identity sources see it: the SPIFFE ID it gets, and the Kubernetes
+// attributes that a source such as SPIRE selects its SVID by.
+type Workload struct {
+	ID             spiffeid.ID
+	Namespace      string
+	ServiceAccount string
+	PodName        string
+	PodUID         string
+}
+
+// Acquire makes sure an SVID for w's ID is held, minting one if needed. Calls are counted: pods
 // sharing a service account share the SVID, which is dropped after as many Release calls.
-func (s *CASource) Acquire(id spiffeid.ID) error {
+func (s *CASource) Acquire(w Workload) error {
+	id := w.ID
 	if !id.MemberOf(s.td) {
 		return fmt.Errorf("acquire SVID for %s: not in trust domain %q of this CA", id, s.td.Name())
 	}

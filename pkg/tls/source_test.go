@@ -19,7 +19,7 @@ func TestMint(t *testing.T) {
 	src := NewCASource(newTestCA(t), testTD, 3*time.Hour, nil)
 	src.now = clock.Now
 	id := mustID(t, testTD, "demo", "client")
-	if err := src.Acquire(id); err != nil {
+	if err := src.Acquire(Workload{ID: id}); err != nil {
 		t.Fatal(err)
 	}
 	svid, err := src.SVID(id)
@@ -77,7 +77,7 @@ func TestMintClippedToCAExpiry(t *testing.T) {
 	src := NewCASource(ca, testTD, 24*time.Hour, nil)
 	src.now = clock.Now
 	id := mustID(t, testTD, "demo", "client")
-	if err := src.Acquire(id); err != nil {
+	if err := src.Acquire(Workload{ID: id}); err != nil {
 		t.Fatal(err)
 	}
 	svid, err := src.SVID(id)
@@ -93,7 +93,7 @@ func TestMintClippedToCAExpiry(t *testing.T) {
 	}
 
 	clock.Advance(2 * time.Hour)
-	err = src.Acquire(mustID(t, testTD, "demo", "late"))
+	err = src.Acquire(Workload{ID: mustID(t, testTD, "demo", "late")})
 	if err == nil || !strings.Contains(err.Error(), "CA certificate expired") {
 		t.Errorf("Acquire after the CA expired: err = %v", err)
 	}
@@ -106,7 +106,7 @@ func TestAcquireRelease(t *testing.T) {
 	src := newTestSource(t)
 	id := mustID(t, testTD, "demo", "shared")
 	for range 2 {
-		if err := src.Acquire(id); err != nil {
+		if err := src.Acquire(Workload{ID: id}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -124,7 +124,7 @@ func TestAcquireRelease(t *testing.T) {
 	}
 	src.Release(id) // one Release too many is harmless
 
-	if err := src.Acquire(id); err != nil {
+	if err := src.Acquire(Workload{ID: id}); err != nil {
 		t.Fatal(err)
 	}
 	if svid, _ := src.SVID(id); svid == first {
@@ -132,7 +132,7 @@ func TestAcquireRelease(t *testing.T) {
 	}
 
 	foreign := mustID(t, spiffeid.RequireTrustDomainFromString("other.test"), "demo", "x")
-	if err := src.Acquire(foreign); err == nil || !strings.Contains(err.Error(), "not in trust domain") {
+	if err := src.Acquire(Workload{ID: foreign}); err == nil || !strings.Contains(err.Error(), "not in trust domain") {
 		t.Errorf("Acquire of a foreign ID: err = %v", err)
 	}
 	if _, err := src.GetX509BundleForTrustDomain(foreign.TrustDomain()); err == nil {
@@ -153,11 +153,11 @@ func TestRotateAtHalfLife(t *testing.T) {
 	src := NewCASource(newTestCA(t), testTD, ttl, nil)
 	src.now = clock.Now
 	a, b := mustID(t, testTD, "demo", "a"), mustID(t, testTD, "demo", "b")
-	if err := src.Acquire(a); err != nil {
+	if err := src.Acquire(Workload{ID: a}); err != nil {
 		t.Fatal(err)
 	}
 	clock.Advance(time.Hour)
-	if err := src.Acquire(b); err != nil {
+	if err := src.Acquire(Workload{ID: b}); err != nil {
 		t.Fatal(err)
 	}
 	oldA, _ := src.SVID(a)
@@ -202,7 +202,7 @@ func TestRunRotates(t *testing.T) {
 	src := NewCASource(newTestCA(t), testTD, ttl, jsonLogger(&logs))
 	src.now = clock.Now
 	id := mustID(t, testTD, "demo", "a")
-	if err := src.Acquire(id); err != nil {
+	if err := src.Acquire(Workload{ID: id}); err != nil {
 		t.Fatal(err)
 	}
 	old, _ := src.SVID(id)
@@ -246,7 +246,7 @@ func TestRunRealClock(t *testing.T) {
 	defer cancel()
 	go src.Run(ctx)
 	id := mustID(t, testTD, "demo", "a")
-	if err := src.Acquire(id); err != nil {
+	if err := src.Acquire(Workload{ID: id}); err != nil {
 		t.Fatal(err)
 	}
 	old, _ := src.SVID(id)
@@ -276,7 +276,7 @@ func TestRotationFailureRetries(t *testing.T) {
 	src := NewCASource(ca, testTD, 24*time.Hour, jsonLogger(&logs))
 	src.now = clock.Now
 	id := mustID(t, testTD, "demo", "a")
-	if err := src.Acquire(id); err != nil {
+	if err := src.Acquire(Workload{ID: id}); err != nil {
 		t.Fatal(err)
 	}
 	old, _ := src.SVID(id)
