@@ -1,11 +1,18 @@
 # meshless: see README.md. The test, conformance and demo targets need root (network namespaces,
 # iptables, tcpdump); deps installs the system packages they use on Debian/Ubuntu.
 
-GO     ?= go
-BIN    := bin
+GO      ?= go
+BIN     := bin
+# Where the conformance report (report.md, report.json) is written.
+RESULTS ?= results/conformance
 # -count=1: never serve a cached result for tests that depend on the kernel and the machine.
 # -p 1: one package at a time, so root tests of different packages do not contend for iptables.
-GOTEST := $(GO) test -count=1 -p 1 -timeout 30m
+GOTEST  := $(GO) test -count=1 -p 1 -timeout 30m
+
+# The conformance suite is piped into its report tool: a failure on either side of the pipe
+# must fail the target.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 .PHONY: all build test conformance demo lint deps clean clean-netns
 
@@ -15,12 +22,19 @@ build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/meshless-cni ./plugin
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/meshlessd ./daemon
 
-# The README's test command: lint, unit tests and the conformance suite.
+# The README's test command: lint, unit tests, then the conformance suite with its report.
 test: deps lint
-	$(GOTEST) ./...
+	$(GOTEST) $$($(GO) list ./... | grep -v '/conformance$$')
+	$(run-conformance)
 
+# The conformance suite alone; its output is the `go test -v` log, and a report lands in $(RESULTS).
 conformance: deps
-	$(GOTEST) -v ./conformance/
+	$(run-conformance)
+
+define run-conformance
+$(GO) build -o $(BIN)/conformance-report ./conformance/cmd/report
+$(GOTEST) -json ./conformance/ | $(BIN)/conformance-report -out $(RESULTS)
+endef
 
 demo: deps
 	$(GO) run ./conformance/cmd/demo
@@ -34,7 +48,7 @@ deps:
 	scripts/deps.sh
 
 clean:
-	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd
+	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report
 
 # After an interrupted run (a killed `go test` cannot clean up): remove leftover namespaces.
 clean-netns:

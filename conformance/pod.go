@@ -37,9 +37,12 @@ type Pod struct {
 	Mesh                 bool
 	ConfList             []byte
 	Result               *current.Result
-	list, loList         *libcni.NetworkConfigList
-	rt                   *libcni.RuntimeConf
-	deleted              bool
+	// AddTime is how long the last successful CNI ADD of the pod's network took (the conflist
+	// only: not the namespace or loopback), as a runtime would measure it.
+	AddTime      time.Duration
+	list, loList *libcni.NetworkConfigList
+	rt           *libcni.RuntimeConf
+	deleted      bool
 }
 
 // AddPod creates a pod through the node's conflist [bridge + host-local, meshless-cni].
@@ -155,9 +158,12 @@ func (n *Node) addPod(ctx context.Context, cfg PodConfig, conflist []byte) (*Pod
 // with the same container ID) and records the result.
 func (p *Pod) Add(ctx context.Context) error {
 	var res types.Result
+	var took time.Duration
 	err := p.Node.Do(func() error {
+		start := time.Now()
 		var err error
 		res, err = p.Node.cni.AddNetworkList(ctx, p.list, p.rt)
+		took = time.Since(start)
 		return err
 	})
 	if err != nil {
@@ -167,7 +173,7 @@ func (p *Pod) Add(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("converting ADD result: %w", err)
 	}
-	p.Result, p.deleted = r, false
+	p.Result, p.deleted, p.AddTime = r, false, took
 	return nil
 }
 

@@ -36,6 +36,9 @@ type ClientOptions struct {
 	Bytes   int64         // payload size; default 1024
 	Marker  string        // written at the start of the payload and every 4096 bytes
 	Timeout time.Duration // deadline of the whole exchange; default 60s
+	// Conns > 1 runs the echo on that many connections open end to end at the same time; the
+	// result then sums them (see ClientResult's Conns, Failed and OpenMS).
+	Conns int
 }
 
 // StartServer starts `meshless-testapp server` in the pod on port (all addresses, both
@@ -105,6 +108,9 @@ func RunClient(ctx context.Context, bins *Bins, netns string, target netip.AddrP
 		"-bytes", strconv.FormatInt(opts.Bytes, 10), "-timeout", opts.Timeout.String()}
 	if opts.Marker != "" {
 		argv = append(argv, "-marker", opts.Marker)
+	}
+	if opts.Conns > 1 {
+		argv = append(argv, "-conns", strconv.Itoa(opts.Conns))
 	}
 	// The client exits 1 when the exchange failed; its verdict is on stdout either way.
 	out, runErr := Exec(ctx, netns, argv...)

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 )
 
@@ -13,7 +14,9 @@ import (
 // pod's routable address come from a routable source, while link-local addresses (169.254.1.1,
 // fe80::...) are reused across hosts and pods, so exempting them would let neighbours bypass capture.
 func NodeAddrs() ([]netip.Addr, error) {
-	list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	// netlinksafe retries a dump that an address change interrupted (NLM_F_DUMP_INTR): on a busy
+	// node, other pods' new veths get their link-local addresses at any moment.
+	list, err := netlinksafe.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, fmt.Errorf("list node addresses: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -31,7 +32,7 @@ func policyRule(family int) *netlink.Rule {
 const ruleFilter = netlink.RT_FILTER_PRIORITY | netlink.RT_FILTER_TABLE | netlink.RT_FILTER_MARK | netlink.RT_FILTER_MASK
 
 func listPolicyRules(family int) ([]netlink.Rule, error) {
-	rules, err := netlink.RuleListFiltered(netlinkFamily(family), policyRule(family), ruleFilter)
+	rules, err := netlinksafe.RuleListFiltered(netlinkFamily(family), policyRule(family), ruleFilter)
 	if err != nil {
 		return nil, fmt.Errorf("list IPv%d ip rules: %w", family, err)
 	}
@@ -58,7 +59,7 @@ func localRoute(family int, lo netlink.Link) *netlink.Route {
 // listLocalRoutes returns the routes of RouteTable that do what localRoute does.
 func listLocalRoutes(family int, lo netlink.Link) ([]netlink.Route, error) {
 	filter := &netlink.Route{Table: RouteTable}
-	routes, err := netlink.RouteListFiltered(netlinkFamily(family), filter, netlink.RT_FILTER_TABLE)
+	routes, err := netlinksafe.RouteListFiltered(netlinkFamily(family), filter, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("list IPv%d routes of table %d: %w", family, RouteTable, err)
 	}

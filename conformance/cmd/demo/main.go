@@ -1,7 +1,10 @@
-// Command demo shows meshless at work on a simulated node: two pods created through the real
-// CNI plugins with meshless-cni chained talk to each other, meshlessd's log names both workload
-// identities, and a capture on the node's bridge proves that only TLS records crossed the wire
-// and that a marker the application sent never appeared in clear. It needs root.
+// Command demo shows meshless at work on a simulated two-node cluster: four pods, two per node,
+// each with its own service account, created through the real CNI plugins with meshless-cni
+// chained, talk on one node and across nodes; the two meshlessd logs name the verified workload
+// identity at each end of every connection; and captures on the node's bridge and on its link
+// to the other node prove that only TLS records crossed the wire and that a marker the
+// applications sent never appeared in clear. It cleans up everything it created, and exits
+// non-zero if any part of the proof fails. It needs root.
 //
 //	go run ./conformance/cmd/demo
 package main
@@ -13,7 +16,6 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -37,7 +39,7 @@ func main() {
 	err := run(ctx, env)
 	if err != nil {
 		env.Fail()
-		// On failure, the harness's own messages (and the daemon's log tail) explain what broke.
+		// On failure, the harness's own messages (and the daemons' log tails) explain what broke.
 		env.Log = func(format string, args ...any) { fmt.Fprintf(os.Stderr, format+"\n", args...) }
 	}
 	env.Run()
@@ -47,8 +49,14 @@ func main() {
 	}
 }
 
+// exchange is one client pod talking to one server pod.
+type exchange struct {
+	what           string
+	client, server *conformance.Pod
+}
+
 func run(ctx context.Context, env *conformance.CleanupStack) error {
-	fmt.Println("meshless demo: two pods on one simulated node, talking over mutual TLS")
+	fmt.Println("meshless demo: two nodes, four pods, every connection between them mutual TLS")
 	fmt.Println()
 	binDir, err := os.MkdirTemp("", "meshless-demo-bin-")
 	if err != nil {
@@ -64,49 +72,74 @@ func run(ctx context.Context, env *conformance.CleanupStack) error {
 		Bins:       bins,
 		NodePrefix: "mldemo-node-",
 		PodPrefix:  "mldemo-pod-",
-		Workloads:  map[string]string{"demo/frontend": "frontend", "demo/backend": "backend"},
+		Workloads: map[string]string{
+			"demo/frontend": "frontend", "demo/cart": "cart",
+			"demo/backend": "backend", "demo/payments": "payments",
+		},
 	})
 	if err != nil {
 		return err
 	}
-	node, err := cluster.AddNode(ctx, conformance.NodeConfig{})
+	var nodes [2]*conformance.Node
+	for i := range nodes {
+		if nodes[i], err = cluster.AddNode(ctx, conformance.NodeConfig{Name: fmt.Sprintf("node-%d", i+1)}); err != nil {
+			return err
+		}
+	}
+	pods := map[string]*conformance.Pod{}
+	for i, name := range []string{"frontend", "cart", "backend", "payments"} {
+		p, err := nodes[i/2].AddPod(ctx, conformance.PodConfig{Namespace: "demo", Name: name})
+		if err != nil {
+			return err
+		}
+		pods[name] = p
+		if name != "frontend" {
+			if _, err := p.StartServer(ctx, port); err != nil {
+				return err
+			}
+		}
+	}
+	frontend, cart, backend, payments := pods["frontend"], pods["cart"], pods["backend"], pods["payments"]
+
+	fmt.Printf("\ncluster: 2 nodes (network namespaces) routing each other's pod CIDRs over an underlay link,\n")
+	fmt.Printf("one CA, meshlessd --mode %s on each; every pod created by libcni with the conflist\n", nodes[0].Config.Mode)
+	fmt.Printf("[bridge + host-local, meshless-cni], as containerd does\n")
+	for _, n := range nodes {
+		fmt.Printf("\n%s  pods %s, underlay %s\n", n.Name, n.PodCIDR, n.Underlay)
+		for _, p := range []*conformance.Pod{frontend, cart, backend, payments} {
+			if p.Node != n {
+				continue
+			}
+			role := "client"
+			if p != frontend {
+				role = fmt.Sprintf("server on :%d", port)
+			}
+			fmt.Printf("  %-9s %-11s %-44s %s\n", p.Name, p.IPv4(), p.SPIFFEID(), role)
+		}
+	}
+
+	// Same-node traffic crosses node-1's bridge; traffic to node-2 crosses the bridge and then
+	// node-1's link to node-2, where it is seen as it travels between nodes.
+	bridgeCap, err := nodes[0].StartCapture(ctx, "demo-bridge", fmt.Sprintf("tcp port %d", port))
 	if err != nil {
 		return err
 	}
-	frontend, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "demo", Name: "frontend"})
+	wireIface := nodes[0].PodInterface()
+	wireCap, err := conformance.StartCapture(ctx, env, nodes[0].Dir, "demo-wire", nodes[0].Netns, wireIface, fmt.Sprintf("tcp port %d", port))
 	if err != nil {
 		return err
 	}
-	backend, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "demo", Name: "backend"})
-	if err != nil {
-		return err
+	var logStart [2]int
+	for i, n := range nodes {
+		l, err := n.Logs()
+		if err != nil {
+			return err
+		}
+		logStart[i] = len(l.Records)
 	}
-	outsider, err := node.AddPlainPod(ctx, conformance.PodConfig{Namespace: "demo", Name: "outsider"})
-	if err != nil {
-		return err
-	}
-	if _, err := backend.StartServer(ctx, port); err != nil {
-		return err
-	}
+
 	target := netip.AddrPortFrom(backend.IPv4(), port)
-
-	fmt.Printf("\nnode      %s: network namespace with bridge %s, pods %s, meshlessd --mode %s\n",
-		node.Name, conformance.BridgeName, node.PodCIDR, node.Config.Mode)
-	fmt.Printf("frontend  %-12s %s\n", frontend.IPv4(), frontend.SPIFFEID())
-	fmt.Printf("backend   %-12s %s   (test server on :%d)\n", backend.IPv4(), backend.SPIFFEID(), port)
-	fmt.Printf("outsider  %-12s attached without meshless-cni (a workload outside the mesh)\n", outsider.IPv4())
-	fmt.Println("each pod was created by libcni running the conflist [bridge + host-local, meshless-cni], as containerd does")
-
-	capture, err := node.StartCapture(ctx, "demo", fmt.Sprintf("tcp port %d", port))
-	if err != nil {
-		return err
-	}
-	logStart, err := node.Logs()
-	if err != nil {
-		return err
-	}
-
-	fmt.Printf("\n1. frontend: curl http://%s/\n", target)
+	fmt.Printf("\n1. frontend (node-1): curl http://%s/   (backend, on node-2)\n", target)
 	out, err := frontend.Exec(ctx, "curl", "-sS", "--max-time", "20", "http://"+target.String()+"/")
 	if err != nil {
 		return err
@@ -115,73 +148,119 @@ func run(ctx context.Context, env *conformance.CleanupStack) error {
 	if !strings.Contains(string(out), "peer="+frontend.IPv4().String()+":") {
 		return errors.New("the backend did not see the frontend's own address")
 	}
-	fmt.Println("   the backend sees the frontend's own pod address, not a proxy's")
+	fmt.Println("   the backend sees the frontend's own pod address, across nodes, not a proxy's")
 
-	fmt.Printf("\n2. frontend -> backend: 1 MiB echo, with %q written every 4 KiB\n", marker)
-	res, err := frontend.Client(ctx, target, conformance.ModeEcho, conformance.ClientOptions{Bytes: 1 << 20, Marker: marker})
-	if err != nil {
-		return err
+	exchanges := []exchange{
+		{"same node", frontend, cart},
+		{"across nodes", frontend, backend},
+		{"across nodes", cart, payments},
 	}
-	if !res.Match || res.Error != "" {
-		return fmt.Errorf("echo failed: %+v", res)
-	}
-	fmt.Printf("   sent %d bytes, got %d back, byte-exact (sha256 %s...)\n", res.Sent, res.Received, res.SentSHA256[:16])
-
-	tr, err := capture.StopAndRead()
-	if err != nil {
-		return err
-	}
-
-	fmt.Println("\n3. meshlessd's log: one record per proxied connection, with the peer's verified identity")
-	// The daemon logs a connection as it ends, which may be a moment after the client returned.
-	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	for _, want := range []*conformance.Pod{frontend, backend} {
-		if _, err := node.WaitLog(wctx, "msg", "connection", "peer_id", want.SPIFFEID()); err != nil {
+	fmt.Printf("\n2. 1 MiB echoes, with %q written every 4 KiB\n", marker)
+	for _, x := range exchanges {
+		res, err := x.client.Client(ctx, netip.AddrPortFrom(x.server.IPv4(), port), conformance.ModeEcho, conformance.ClientOptions{Bytes: 1 << 20, Marker: marker})
+		if err != nil {
 			return err
 		}
-	}
-	logs, err := node.Logs()
-	if err != nil {
-		return err
-	}
-	conns := logs.Since(len(logStart.Records)).Find("msg", "connection")
-	if len(conns) == 0 {
-		return errors.New("meshlessd logged no connection")
-	}
-	for _, r := range conns {
-		fmt.Printf("   %-8s %-21s -> %-21s peer %s  %s\n", r.String("direction"), r.String("src"), r.String("dst"), r.String("peer_id"), r.String("result"))
-	}
-
-	fmt.Printf("\n4. the wire: tcpdump on %s, every packet between the pods on port %d (%s)\n", conformance.BridgeName, port, filepath.Base(capture.Path))
-	flows := conformance.WithPayload(tr.Between(frontend.IPv4(), backend.IPv4()))
-	if len(flows) == 0 {
-		return errors.New("the capture holds no traffic between the pods")
-	}
-	for _, f := range flows {
-		st, err := f.CheckTLS()
-		if err != nil {
-			return fmt.Errorf("not TLS: %w", err)
+		if !res.Match || res.Error != "" {
+			return fmt.Errorf("echo %s -> %s failed: %+v", x.client.Name, x.server.Name, res)
 		}
-		fmt.Printf("   %-21s -> %-21s %8d bytes = %3d TLS records (handshake %d, change_cipher_spec %d, application_data %d)\n",
-			f.Src, f.Dst, len(f.Data), st.Records, st.Types[conformance.TLSHandshake], st.Types[conformance.TLSChangeCipherSpec], st.Types[conformance.TLSApplicationData])
+		fmt.Printf("   %-8s -> %-8s %-12s sent %d bytes, got %d back, byte-exact (sha256 %s...)\n",
+			x.client.Name, x.server.Name, x.what, res.Sent, res.Received, res.SentSHA256[:12])
 	}
-	if hits := tr.FlowsWithClear([]byte(marker)); len(hits) > 0 {
-		return fmt.Errorf("the marker appeared in clear in %v", hits)
-	}
-	fmt.Printf("   marker %q in clear: nowhere in %d packets\n", marker, len(tr.Packets))
-	fmt.Println("   PROOF: every byte between the pods was a TLS record, on the application's own port")
 
-	fmt.Printf("\n5. outsider (no meshless-cni) -> backend, plaintext, strict mode\n")
-	res, err = outsider.Client(ctx, target, conformance.ModeEcho, conformance.ClientOptions{Bytes: 64, Timeout: 20 * time.Second})
+	if err := showIdentities(ctx, nodes, logStart, exchanges); err != nil {
+		return err
+	}
+	bridge, err := bridgeCap.StopAndRead()
 	if err != nil {
 		return err
 	}
-	if res.Received > 0 || res.Match {
-		return fmt.Errorf("strict mode let plaintext through: %+v", res)
+	wire, err := wireCap.StopAndRead()
+	if err != nil {
+		return err
 	}
-	fmt.Printf("   refused (%s): strict mode accepts only mTLS from the mesh\n", res.ErrorKind)
-	fmt.Println("\ndemo OK; cleaning up namespaces, processes and files")
+	fmt.Printf("\n4. the wire: tcpdump on port %d, every flow reassembled and cut into TLS records\n", port)
+	fmt.Printf("   on node-1's bridge %s, between the pods of node-1:\n", conformance.BridgeName)
+	if err := showFlows(bridge, [][2]*conformance.Pod{{frontend, cart}}); err != nil {
+		return err
+	}
+	fmt.Printf("   on node-1's link to node-2 (%s), between nodes:\n", wireIface)
+	if err := showFlows(wire, [][2]*conformance.Pod{{frontend, backend}, {cart, payments}}); err != nil {
+		return err
+	}
+	packets := 0
+	for _, tr := range []*conformance.Trace{bridge, wire} {
+		// Not only the flows shown: every flow with payload on the application's port.
+		for _, f := range conformance.WithPayload(tr.Flows) {
+			if _, err := f.CheckTLS(); err != nil {
+				return fmt.Errorf("not TLS: %w", err)
+			}
+		}
+		if hits := tr.FlowsWithClear([]byte(marker)); len(hits) > 0 {
+			return fmt.Errorf("the marker appeared in clear in %v", hits)
+		}
+		packets += len(tr.Packets)
+	}
+	fmt.Printf("   marker %q in clear: nowhere in %d packets\n", marker, packets)
+	fmt.Println("   PROOF: every byte between the pods, on one node and between nodes, was a TLS record,")
+	fmt.Println("   on the application's own port")
+	fmt.Println("\ndemo OK; cleaning up")
+	return nil
+}
+
+// showIdentities prints what each daemon logged about the exchanges' connections: the client's
+// node records it outbound with the server's verified identity, the server's node inbound with
+// the client's.
+func showIdentities(ctx context.Context, nodes [2]*conformance.Node, logStart [2]int, exchanges []exchange) error {
+	fmt.Println("\n3. the meshlessd logs: one record per connection and end, with the peer's verified identity")
+	// A daemon logs a connection as it ends, which may be a moment after the client returned.
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for _, x := range exchanges {
+		for _, want := range []struct {
+			node      *conformance.Node
+			direction string
+			peer      *conformance.Pod
+		}{{x.client.Node, "outbound", x.server}, {x.server.Node, "inbound", x.client}} {
+			if _, err := want.node.WaitLog(wctx, "msg", "connection", "direction", want.direction,
+				"dst", netip.AddrPortFrom(x.server.IPv4(), port).String(), "peer_id", want.peer.SPIFFEID()); err != nil {
+				return err
+			}
+		}
+	}
+	for i, n := range nodes {
+		l, err := n.Logs()
+		if err != nil {
+			return err
+		}
+		for _, r := range l.Since(logStart[i]).Find("msg", "connection") {
+			if r.String("mtls") != "true" || r.String("result") != "ok" {
+				return fmt.Errorf("%s logged a connection that was not mTLS or failed: %v", n.Name, r)
+			}
+			fmt.Printf("   %s %-8s %-17s -> %-16s peer %-41s %s\n", n.Name, r.String("direction"),
+				r.String("src"), r.String("dst"), r.String("peer_id"), r.String("result"))
+		}
+	}
+	return nil
+}
+
+// showFlows prints the flows between each pair of pods in tr as TLS records; anything else on
+// the wire between them fails the proof.
+func showFlows(tr *conformance.Trace, pairs [][2]*conformance.Pod) error {
+	for _, pair := range pairs {
+		flows := conformance.WithPayload(tr.Between(pair[0].IPv4(), pair[1].IPv4()))
+		if len(flows) == 0 {
+			return fmt.Errorf("the capture holds no traffic between %s and %s", pair[0].Name, pair[1].Name)
+		}
+		for _, f := range flows {
+			st, err := f.CheckTLS()
+			if err != nil {
+				return fmt.Errorf("not TLS: %w", err)
+			}
+			fmt.Printf("     %-17s -> %-17s %8d bytes = %3d TLS records (handshake %d, change_cipher_spec %d, application_data %d)\n",
+				f.Src, f.Dst, len(f.Data), st.Records, st.Types[conformance.TLSHandshake], st.Types[conformance.TLSChangeCipherSpec], st.Types[conformance.TLSApplicationData])
+		}
+	}
 	return nil
 }
 

@@ -4,7 +4,7 @@
 // dependencies beyond the standard library so that it runs in any network namespace.
 //
 //	meshless-testapp server -listen :8080 [-name NAME]
-//	meshless-testapp client -connect HOST:PORT -mode echo|sink|send|peer [-bytes N] [-marker M] [-timeout 30s]
+//	meshless-testapp client -connect HOST:PORT -mode echo|sink|send|peer [-bytes N] [-marker M] [-timeout 30s] [-conns N]
 package main
 
 import (
@@ -196,13 +196,21 @@ func clientMain(args []string) bool {
 	size := fs.Int64("bytes", 1024, "payload size")
 	marker := fs.String("marker", "", "string written at the start of the payload and every 4096 bytes")
 	timeout := fs.Duration("timeout", 60*time.Second, "deadline for the whole exchange")
+	conns := fs.Int("conns", 1, "echo on this many connections open at the same time (echo mode only)")
 	res := testproto.Result{Mode: *mode}
 	if err := fs.Parse(args); err != nil {
 		res.Error, res.ErrorKind = err.Error(), testproto.KindOther
+	} else if *conns < 1 || (*conns > 1 && *mode != testproto.CmdEcho) {
+		res.Mode, res.Target = *mode, *target
+		res.Error, res.ErrorKind = "-conns must be 1, or more with -mode echo", testproto.KindOther
 	} else {
 		res.Mode, res.Target = *mode, *target
 		start := time.Now()
-		run(&res, *target, *mode, *size, *marker, *timeout)
+		if *conns > 1 {
+			runConcurrent(&res, *target, *conns, *size, *marker, *timeout)
+		} else {
+			run(&res, *target, *mode, *size, *marker, *timeout)
+		}
 		res.DurationMS = time.Since(start).Milliseconds()
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
@@ -212,36 +220,129 @@ func clientMain(args []string) bool {
 	return res.Error == "" && res.Match
 }
 
-func run(res *testproto.Result, target, mode string, size int64, marker string, timeout time.Duration) {
-	fail := func(err error) {
-		if res.Error == "" {
-			res.Error, res.ErrorKind = err.Error(), testproto.Kind(err)
-		}
+// fail records err as the exchange's error, unless an earlier one is already recorded.
+func fail(res *testproto.Result, err error) {
+	if res.Error == "" {
+		res.Error, res.ErrorKind = err.Error(), testproto.Kind(err)
 	}
+}
+
+// dial connects to target and sets the deadline of the whole exchange; it records a failure in
+// res and returns nil.
+func dial(res *testproto.Result, target string, timeout time.Duration) *net.TCPConn {
 	conn, err := net.DialTimeout("tcp", target, timeout)
 	if err != nil {
-		fail(err)
-		return
+		fail(res, err)
+		return nil
 	}
 	c := conn.(*net.TCPConn)
-	defer c.Close()
 	res.Connected, res.Local = true, c.LocalAddr().String()
 	if err := c.SetDeadline(time.Now().Add(timeout)); err != nil {
-		fail(err)
+		c.Close()
+		fail(res, err)
+		return nil
+	}
+	return c
+}
+
+func run(res *testproto.Result, target, mode string, size int64, marker string, timeout time.Duration) {
+	c := dial(res, target, timeout)
+	if c == nil {
 		return
 	}
+	defer c.Close()
+	exchange(res, c, mode, size, marker, nil)
+}
+
+// runConcurrent runs an echo exchange on each of n connections. Every connection first echoes
+// one byte, which crosses the proxies at both ends, and then waits until all n have done so:
+// the n connections are open end to end at the same time before the rest of the payloads flow.
+// The verdict sums the byte counts and matches only if every exchange matched.
+func runConcurrent(res *testproto.Result, target string, n int, size int64, marker string, timeout time.Duration) {
+	start := time.Now()
+	results := make([]testproto.Result, n)
+	var open, all sync.WaitGroup // open: connections not yet open end to end (nor failed)
+	open.Add(n)
+	for i := range results {
+		all.Go(func() {
+			var once sync.Once
+			arrive := func() { once.Do(open.Done) }
+			// A connection that fails before the barrier must not hold the others back.
+			defer arrive()
+			r := &results[i]
+			c := dial(r, target, timeout)
+			if c == nil {
+				return
+			}
+			defer c.Close()
+			exchange(r, c, testproto.CmdEcho, size, marker, func() {
+				arrive()
+				open.Wait()
+			})
+		})
+	}
+	open.Wait()
+	res.OpenMS = time.Since(start).Milliseconds()
+	all.Wait()
+	res.Conns, res.Connected = n, true
+	var first *testproto.Result
+	for i := range results {
+		r := &results[i]
+		res.Sent += r.Sent
+		res.Received += r.Received
+		res.Connected = res.Connected && r.Connected
+		if r.Error != "" || !r.Match {
+			res.Failed++
+			if first == nil {
+				first = r
+			}
+		}
+	}
+	res.Match = res.Failed == 0
+	if first != nil {
+		res.Error = fmt.Sprintf("%d of %d exchanges failed; first (from %s): %s", res.Failed, n, first.Local, first.Error)
+		res.ErrorKind = first.ErrorKind
+		if first.Error == "" {
+			res.Error += "payload mismatch"
+			res.ErrorKind = testproto.KindOther
+		}
+	}
+}
+
+// exchange runs mode on c. For echo with a non-nil synced, the command and the first payload
+// byte are sent and that byte read back before synced is called and the rest flows.
+func exchange(res *testproto.Result, c *net.TCPConn, mode string, size int64, marker string, synced func()) {
 	switch mode {
 	case testproto.CmdEcho, testproto.CmdSink:
 		sent := testproto.NewDigest()
+		payload := io.TeeReader(testproto.NewPayload(size, marker), sent)
+		got := testproto.NewDigest()
+		cmd := mode + "\n"
+		if synced != nil && mode == testproto.CmdEcho && size > 0 {
+			first := make([]byte, 1)
+			if _, err := io.ReadFull(payload, first); err != nil {
+				fail(res, err)
+				return
+			}
+			if _, err := c.Write(append([]byte(cmd), first...)); err != nil {
+				fail(res, err)
+				return
+			}
+			if _, err := io.CopyN(got, c, 1); err != nil {
+				fail(res, err)
+				return
+			}
+			cmd = ""
+			synced()
+		}
 		var wg sync.WaitGroup
 		var werr error
 		wg.Add(1)
 		// Write and read at once: a multi-MiB echo would deadlock on full buffers otherwise.
 		go func() {
 			defer wg.Done()
-			werr = writeAll(c, mode+"\n", io.TeeReader(testproto.NewPayload(size, marker), sent))
+			werr = writeAll(c, cmd, payload)
 		}()
-		got := testproto.NewDigest()
 		var reply strings.Builder
 		var dst io.Writer = got
 		if mode == testproto.CmdSink {
@@ -261,14 +362,14 @@ func run(res *testproto.Result, target, mode string, size int64, marker string, 
 		// The read side sees how the connection ended (a reset, say); a write that failed
 		// because of it says less, so it is reported only when the read side was fine.
 		if rerr != nil {
-			fail(rerr)
+			fail(res, rerr)
 		}
 		if werr != nil {
-			fail(werr)
+			fail(res, werr)
 		}
 		if res.Error == "" && !res.Match && res.Received == 0 {
 			// The server closed without answering: report it as EOF, not as a silent mismatch.
-			fail(io.EOF)
+			fail(res, io.EOF)
 		}
 	case testproto.CmdSend:
 		cmd := fmt.Sprintf("%s %d", testproto.CmdSend, size)
@@ -276,38 +377,40 @@ func run(res *testproto.Result, target, mode string, size int64, marker string, 
 			cmd += " " + marker
 		}
 		if _, err := io.WriteString(c, cmd+"\n"); err != nil {
-			fail(err)
+			fail(res, err)
 			return
 		}
 		got := testproto.NewDigest()
 		if _, err := io.Copy(got, c); err != nil {
-			fail(err)
+			fail(res, err)
 		}
 		res.Received, res.ReceivedSHA256 = got.N, got.Sum()
 		res.Match = got.N == size && got.Sum() == testproto.PayloadSHA256(size, marker)
 	case testproto.CmdPeer:
 		if _, err := io.WriteString(c, testproto.CmdPeer+"\n"); err != nil {
-			fail(err)
+			fail(res, err)
 			return
 		}
 		b, err := io.ReadAll(io.LimitReader(c, 4096))
 		if err != nil {
-			fail(err)
+			fail(res, err)
 		}
 		res.Received, res.Reply = int64(len(b)), strings.TrimSpace(string(b))
 		res.Match = res.Reply != ""
 		if !res.Match && res.Error == "" {
-			fail(io.EOF)
+			fail(res, io.EOF)
 		}
 	default:
-		fail(errors.New("unknown mode " + mode))
+		fail(res, errors.New("unknown mode "+mode))
 	}
 }
 
 // writeAll writes the command line and the payload, then half-closes so the server sees EOF.
 func writeAll(c *net.TCPConn, cmd string, payload io.Reader) error {
-	if _, err := io.WriteString(c, cmd); err != nil {
-		return err
+	if cmd != "" {
+		if _, err := io.WriteString(c, cmd); err != nil {
+			return err
+		}
 	}
 	if _, err := io.Copy(c, payload); err != nil {
 		return err

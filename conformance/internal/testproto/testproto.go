@@ -50,6 +50,12 @@ type Result struct {
 	Error      string `json:"error,omitempty"`
 	ErrorKind  string `json:"error_kind,omitempty"`
 	DurationMS int64  `json:"duration_ms"`
+	// A concurrent run (client -conns N) sets Conns to N, Failed to the number of exchanges that
+	// failed, and OpenMS to the time until all N connections were open end to end; Sent and
+	// Received are then sums, Error describes the first failure, and the digests are left out.
+	Conns  int   `json:"conns,omitempty"`
+	Failed int   `json:"failed,omitempty"`
+	OpenMS int64 `json:"open_ms,omitempty"`
 }
 
 // ConnLog is what `meshless-testapp server` prints on stdout for every connection it served.
