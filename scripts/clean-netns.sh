@@ -4,7 +4,8 @@
 # the processes still running inside them. Do not run it while a suite is running.
 set -euo pipefail
 
-prefixes='^(mlnode-|mlcore-|mlhnode-|mlhpod-|mlpod-|mldemo-node-|mldemo-pod-)'
+# Every namespace the suite, the demo and the package tests create starts with "ml", a short tag and a dash.
+prefixes='^ml[a-z]{1,8}-'
 
 ip netns list | awk '{print $1}' | grep -E "$prefixes" | while read -r ns; do
 	pids=$(ip netns pids "$ns" || true)
