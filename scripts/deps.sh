@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages that meshless's tests and demo run (iptables, tcpdump, iproute2,
-# curl, CA certificates) plus any package named as an argument, on Debian and Ubuntu. It calls
-# apt-get only when something is missing, so repeated runs are quick and offline-safe.
+# curl, CA certificates, etcd for the tests against a real kube-apiserver) plus any package named
+# as an argument, on Debian and Ubuntu. It calls apt-get only when something is missing, so
+# repeated runs are quick and offline-safe.
 set -euo pipefail
 
-packages=(iptables tcpdump iproute2 curl ca-certificates "$@")
+packages=(iptables tcpdump iproute2 curl ca-certificates etcd-server "$@")
 
 if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
 	echo "deps: Go is not installed; install Go 1.26 or newer from https://go.dev/dl/" >&2
@@ -14,7 +15,7 @@ fi
 if ! command -v dpkg-query >/dev/null 2>&1; then
 	# Not Debian: say what is needed instead of guessing at another package manager.
 	missing=()
-	for cmd in iptables iptables-legacy iptables-nft tcpdump ip curl; do
+	for cmd in iptables iptables-legacy iptables-nft tcpdump ip curl etcd; do
 		command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 	done
 	if [ ${#missing[@]} -gt 0 ]; then
