@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -41,6 +42,8 @@ type CA struct {
 	cert  *x509.Certificate
 	key   crypto.Signer
 	roots []*x509.Certificate
+	// digest identifies the files the CA was read from (see caDigest).
+	digest [sha256.Size]byte
 }
 
 // Certificate returns the CA certificate that signs new SVIDs.
@@ -158,26 +161,37 @@ func syncDir(dir string) error {
 // LoadCA reads the CA of dir, written by InitCA or by an operator. ca.crt may hold several CA
 // certificates (a CA roll-over): the one matching ca.key signs, all of them are trusted.
 func LoadCA(dir string) (*CA, error) {
+	certPEM, keyPEM, err := readCADir(dir)
+	if err != nil {
+		return nil, err
+	}
+	return parseCA(dir, certPEM, keyPEM)
+}
+
+// readCADir returns the contents of dir's ca.crt and ca.key.
+func readCADir(dir string) (certPEM, keyPEM []byte, err error) {
 	hint := fmt.Sprintf("(create one with `meshlessd ca init --dir %s`)", dir)
 	fi, err := os.Stat(dir)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return nil, fmt.Errorf("load CA: directory %s does not exist %s: %w", dir, hint, err)
+		return nil, nil, fmt.Errorf("load CA: directory %s does not exist %s: %w", dir, hint, err)
 	case err != nil:
-		return nil, fmt.Errorf("load CA: %w", err)
+		return nil, nil, fmt.Errorf("load CA: %w", err)
 	case !fi.IsDir():
-		return nil, fmt.Errorf("load CA: %s is not a directory", dir)
+		return nil, nil, fmt.Errorf("load CA: %s is not a directory", dir)
 	}
-	certPath, keyPath := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
-	certPEM, err := readCAFile(certPath, hint)
-	if err != nil {
-		return nil, err
+	if certPEM, err = readCAFile(filepath.Join(dir, CACertFile), hint); err != nil {
+		return nil, nil, err
 	}
-	keyPEM, err := readCAFile(keyPath, hint)
-	if err != nil {
-		return nil, err
+	if keyPEM, err = readCAFile(filepath.Join(dir, CAKeyFile), hint); err != nil {
+		return nil, nil, err
 	}
+	return certPEM, keyPEM, nil
+}
 
+// parseCA builds the CA of dir from the contents of its two files.
+func parseCA(dir string, certPEM, keyPEM []byte) (*CA, error) {
+	certPath, keyPath := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
 	roots, err := parseCACerts(certPath, certPEM)
 	if err != nil {
 		return nil, err
@@ -192,10 +206,20 @@ func LoadCA(dir string) (*CA, error) {
 	}
 	for _, cert := range roots {
 		if pub.Equal(cert.PublicKey) {
-			return &CA{cert: cert, key: key, roots: roots}, nil
+			return &CA{cert: cert, key: key, roots: roots, digest: caDigest(certPEM, keyPEM)}, nil
 		}
 	}
 	return nil, fmt.Errorf("load CA: the key in %s matches no certificate in %s", keyPath, certPath)
+}
+
+// caDigest identifies the contents of a CA directory, so that a watcher can tell when they change.
+func caDigest(certPEM, keyPEM []byte) [sha256.Size]byte {
+	h := sha256.New()
+	h.Write(certPEM)
+	// A separator, so that bytes moved from one file to the other still count as a change.
+	h.Write([]byte{0})
+	h.Write(keyPEM)
+	return [sha256.Size]byte(h.Sum(nil))
 }
 
 func readCAFile(path, hint string) ([]byte, error) {
