@@ -85,26 +85,15 @@ func (t *PodTunnel) finish(f *flow, result string, reason error) {
 // pod's identity when the destination is in the mesh, in plaintext otherwise
 // (unless egress is strict).
 func (t *PodTunnel) outbound(app *net.TCPConn) {
-	t.proxy.stats.Open.Add(1)
-	defer t.proxy.stats.Open.Add(-1)
-	f := &flow{direction: "outbound", src: addrPort(app.RemoteAddr()), start: time.Now()}
-	dst, err := originalDst(app)
-	if err != nil {
-		reset(app)
-		t.finish(f, resultRefused, err)
+	f, ok := t.begin("outbound", app)
+	if !ok {
 		return
 	}
-	f.dst = dst
-	if t.isOwnListener(dst) {
-		reset(app)
-		t.finish(f, resultRefused, errors.New("destination is a meshless capture port"))
-		return
-	}
+	dst := f.dst
 	cfg := &t.proxy.cfg
 	f.mtls = cfg.inMesh(dst.Addr())
 	if !f.mtls && cfg.StrictEgress {
-		reset(app)
-		t.finish(f, resultRefused, errors.New("destination outside the mesh and egress is strict"))
+		t.refuse(app, f, resultRefused, errors.New("destination outside the mesh and egress is strict"))
 		return
 	}
 
@@ -112,8 +101,7 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 	up, err := t.dial(ctx, netip.Addr{}, dst)
 	cancel()
 	if err != nil {
-		reset(app)
-		t.finish(f, resultDialFailed, err)
+		t.refuse(app, f, resultDialFailed, err)
 		return
 	}
 	defer t.untrack(up)
@@ -143,23 +131,11 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 // meshless's ALPN is terminated as the pod's identity; anything else is
 // plaintext from outside the mesh, refused in strict mode.
 func (t *PodTunnel) inbound(client *net.TCPConn) {
-	t.proxy.stats.Open.Add(1)
-	defer t.proxy.stats.Open.Add(-1)
+	f, ok := t.begin("inbound", client)
+	if !ok {
+		return
+	}
 	cfg := &t.proxy.cfg
-	f := &flow{direction: "inbound", src: addrPort(client.RemoteAddr()), start: time.Now()}
-	dst, err := originalDst(client)
-	if err != nil {
-		reset(client)
-		t.finish(f, resultRefused, err)
-		return
-	}
-	f.dst = dst
-	if t.isOwnListener(dst) {
-		reset(client)
-		t.finish(f, resultRefused, errors.New("destination is a meshless capture port"))
-		return
-	}
-
 	mesh, seen, err := peekHello(client, cfg.PeekTimeout)
 	switch {
 	case errors.Is(err, io.EOF):
@@ -169,15 +145,13 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 	case err != nil && !(errors.Is(err, os.ErrDeadlineExceeded) && cfg.Mode == Permissive):
 		// A silent client may be waiting for a server-speaks-first protocol;
 		// only permissive mode lets such plaintext through.
-		reset(client)
-		t.finish(f, resultRefused, err)
+		t.refuse(client, f, resultRefused, err)
 		return
 	}
 
 	if !mesh {
 		if cfg.Mode == Strict {
-			reset(client)
-			t.finish(f, resultRefused, errors.New("plaintext or non-meshless TLS in strict mode"))
+			t.refuse(client, f, resultRefused, errors.New("plaintext or non-meshless TLS in strict mode"))
 			return
 		}
 		t.toApp(f, client, client, seen)
@@ -190,8 +164,7 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 	err = conn.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
-		reset(client)
-		t.finish(f, resultHandshakeFailed, err)
+		t.refuse(client, f, resultHandshakeFailed, err)
 		return
 	}
 	f.handshake(conn.ConnectionState())
@@ -206,12 +179,11 @@ func (t *PodTunnel) toApp(f *flow, raw *net.TCPConn, client stream, pending []by
 	app, err := t.dial(ctx, f.src.Addr(), f.dst)
 	cancel()
 	if err != nil {
-		reset(raw)
 		result := resultDialFailed
 		if isRefused(err) {
 			result = resultReset
 		}
-		t.finish(f, result, err)
+		t.refuse(raw, f, result, err)
 		return
 	}
 	defer t.untrack(app)
@@ -228,9 +200,28 @@ func (t *PodTunnel) toApp(f *flow, raw *net.TCPConn, client stream, pending []by
 	t.finish(f, relayResult(err), err)
 }
 
-func (t *PodTunnel) isOwnListener(dst netip.AddrPort) bool {
-	port := dst.Port()
-	return port == capture.OutboundPort || port == capture.InboundPort
+// begin opens the record of an accepted connection and finds where it was
+// going. A connection without an original destination (it was not redirected,
+// say the app dialled the capture port on loopback) or aimed at a capture port
+// of another pod is refused: proxying it would loop.
+func (t *PodTunnel) begin(direction string, c *net.TCPConn) (*flow, bool) {
+	f := &flow{direction: direction, src: addrPort(c.RemoteAddr()), start: time.Now()}
+	dst, err := originalDst(c)
+	if err == nil && (dst.Port() == capture.OutboundPort || dst.Port() == capture.InboundPort) {
+		err = errors.New("destination is a meshless capture port")
+	}
+	if err != nil {
+		t.refuse(c, f, resultRefused, err)
+		return nil, false
+	}
+	f.dst = dst
+	return f, true
+}
+
+// refuse resets the connection the pod's side opened and logs why.
+func (t *PodTunnel) refuse(c *net.TCPConn, f *flow, result string, reason error) {
+	reset(c)
+	t.finish(f, result, reason)
 }
 
 func relayResult(err error) string {

@@ -173,6 +173,8 @@ func (t *PodTunnel) serve(ln net.Listener, handle func(*net.TCPConn)) {
 		go func() {
 			defer t.wg.Done()
 			defer t.untrack(tc)
+			t.proxy.stats.Open.Add(1)
+			defer t.proxy.stats.Open.Add(-1)
 			handle(tc)
 		}()
 	}

@@ -213,6 +213,11 @@ func clientMain(args []string) bool {
 		}
 		res.DurationMS = time.Since(start).Milliseconds()
 	}
+	// A failed exchange is never byte exact, even when the bytes that did arrive agree (a client
+	// reset before it wrote anything has an empty echo of its empty payload).
+	if res.Error != "" {
+		res.Match = false
+	}
 	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
 		fmt.Fprintln(os.Stderr, "meshless-testapp:", err)
 		return false

@@ -44,8 +44,9 @@ type Result struct {
 	ReceivedSHA256 string `json:"received_sha256,omitempty"`
 	// Reply is the server's answer line (peer, sink) or the body of a short reply.
 	Reply string `json:"reply,omitempty"`
-	// Match is true when the exchange was byte exact: the echo equals what was sent, the
-	// server's sink summary equals the client's, or the received payload equals the pattern.
+	// Match is true when the exchange was byte exact and ended cleanly: the echo equals what was
+	// sent, the server's sink summary equals the client's, or the received payload equals the
+	// pattern. It is false whenever Error is set.
 	Match      bool   `json:"match"`
 	Error      string `json:"error,omitempty"`
 	ErrorKind  string `json:"error_kind,omitempty"`
