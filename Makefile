@@ -8,13 +8,17 @@ RESULTS ?= results/conformance
 # -count=1: never serve a cached result for tests that depend on the kernel and the machine.
 # -p 1: one package at a time, so root tests of different packages do not contend for iptables.
 GOTEST  := $(GO) test -count=1 -p 1 -timeout 30m
+# The Kubernetes release whose kube-apiserver the tests run against (pkg/kube, conformance/kubeapi);
+# scripts/k8s-binaries.sh builds it once into a cache directory keyed by version.
+KUBERNETES_VERSION ?= v1.34.4
+export MESHLESS_KUBERNETES_BIN ?= $(or $(MESHLESS_CACHE),/var/cache/meshless)/kubernetes-$(KUBERNETES_VERSION)
 
 # The conformance suite is piped into its report tool: a failure on either side of the pipe
 # must fail the target.
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all build test conformance demo lint deps clean clean-netns
+.PHONY: all build test conformance demo lint deps spire-binaries kube-binaries clean clean-netns
 
 all: build
 
@@ -23,12 +27,12 @@ build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/meshlessd ./daemon
 
 # The README's test command: lint, unit tests, then the conformance suite with its report.
-test: deps lint
+test: deps spire-binaries kube-binaries lint
 	$(GOTEST) $$($(GO) list ./... | grep -v '/conformance$$')
 	$(run-conformance)
 
 # The conformance suite alone; its output is the `go test -v` log, and a report lands in $(RESULTS).
-conformance: deps
+conformance: deps kube-binaries
 	$(run-conformance)
 
 define run-conformance
@@ -46,6 +50,14 @@ lint:
 
 deps:
 	scripts/deps.sh
+
+# spire-server and spire-agent for pkg/spire's tests, built once per version into a cache directory.
+spire-binaries:
+	scripts/spire-binaries.sh
+
+# kube-apiserver for the tests against a real API server, built once per version (cold: minutes).
+kube-binaries:
+	scripts/k8s-binaries.sh $(KUBERNETES_VERSION) kube-apiserver >/dev/null
 
 clean:
 	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report

@@ -51,6 +51,8 @@ type NodeConfig struct {
 	SVIDTTL time.Duration
 	// DaemonArgs are appended to `meshlessd run`.
 	DaemonArgs []string
+	// DaemonEnv is added to meshlessd's environment ("KEY=VALUE"), GODEBUG=fips140=on say.
+	DaemonEnv []string
 	// NoDaemon leaves meshlessd out: the node can only run plain pods. The harness's own tests
 	// use it; so can a node that plays a cluster without meshless.
 	NoDaemon bool
@@ -299,7 +301,12 @@ func (n *Node) Start(ctx context.Context) error {
 			return fmt.Errorf("meshlessd on %s is already running", n.Name)
 		}
 	}
-	p, err := StartProcess(n.Cluster.Env, n.Dir, "meshlessd", n.Netns, n.DaemonArgs()...)
+	argv := n.DaemonArgs()
+	if len(n.Config.DaemonEnv) > 0 {
+		// env(1) execs the daemon, so the process (and its pid) is still meshlessd.
+		argv = append(append([]string{"env"}, n.Config.DaemonEnv...), argv...)
+	}
+	p, err := StartProcess(n.Cluster.Env, n.Dir, "meshlessd", n.Netns, argv...)
 	if err != nil {
 		return err
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/meshless/meshless/pkg/agent"
 	"github.com/meshless/meshless/pkg/capture"
 	"github.com/meshless/meshless/pkg/enroll"
+	"github.com/meshless/meshless/pkg/kube"
 	meshtls "github.com/meshless/meshless/pkg/tls"
 	"github.com/meshless/meshless/pkg/tunnel"
 )
@@ -39,6 +40,9 @@ type runFlags struct {
 	healthAddr   string
 	logLevel     string
 	svidTTL      time.Duration
+	tls          tlsFlags
+	kube         kubeFlags
+	identity     identityFlags
 }
 
 // prefixList is a repeatable CIDR flag.
@@ -79,6 +83,9 @@ func parseRunFlags(args []string) (*runFlags, error) {
 	fs.StringVar(&f.healthAddr, "health-addr", "127.0.0.1:15021", "address of /healthz and /readyz (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&f.svidTTL, "svid-ttl", 24*time.Hour, "lifetime of minted SVIDs; they are renewed at half-life")
+	f.tls.register(fs)
+	f.kube.register(fs)
+	f.identity.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -93,6 +100,15 @@ func parseRunFlags(args []string) (*runFlags, error) {
 	}
 	if f.svidTTL < 2*time.Second {
 		return nil, fmt.Errorf("--svid-ttl %s: too short to renew at half-life", f.svidTTL)
+	}
+	if err := f.tls.validate(); err != nil {
+		return nil, err
+	}
+	if err := f.kube.validate(f.workloads); err != nil {
+		return nil, err
+	}
+	if err := f.identity.validate(); err != nil {
+		return nil, err
 	}
 	return f, nil
 }
@@ -121,6 +137,9 @@ func runCmd(args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if err := f.tls.checkFIPS(); err != nil {
+		return err
+	}
 	td, err := spiffeid.TrustDomainFromString(f.trustDomain)
 	if err != nil {
 		return fmt.Errorf("--trust-domain: %w", err)
@@ -129,11 +148,11 @@ func runCmd(args []string, stdout io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--mode: %w", err)
 	}
-	workloads, err := meshtls.LoadWorkloads(f.workloads)
+	accounts, pods, err := serviceAccounts(f, log)
 	if err != nil {
 		return err
 	}
-	ca, err := meshtls.LoadCA(f.caDir)
+	source, err := newIdentitySource(f, td, log)
 	if err != nil {
 		return err
 	}
@@ -148,8 +167,8 @@ func runCmd(args []string, stdout io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	source := meshtls.NewCASource(ca, td, f.svidTTL, log)
-	configs := meshtls.NewConfigs(source, tlsconfig.AuthorizeMemberOf(td))
+	configs := meshtls.NewConfigs(source, tlsconfig.AuthorizeMemberOf(td), meshtls.PostQuantum(f.tls.pq))
+	source.OnBundleChange(configs.Reset)
 	proxy, err := tunnel.New(tunnel.Config{
 		TLS:          configs,
 		Mesh:         f.meshCIDRs,
@@ -166,7 +185,7 @@ func runCmd(args []string, stdout io.Writer) error {
 		Mode:        mode,
 		Backend:     backend,
 		StateDir:    f.stateDir,
-		Accounts:    agent.WorkloadsFile{Workloads: workloads},
+		Accounts:    accounts,
 		Identities:  source,
 		TLS:         configs,
 		Proxy:       proxy,
@@ -177,15 +196,21 @@ func runCmd(args []string, stdout io.Writer) error {
 	}
 	defer ag.Close()
 
-	errc := make(chan error, 3)
+	errc := make(chan error, 4)
 	go func() { errc <- source.Run(ctx) }()
+	if pods != nil {
+		go pods.Run(ctx)
+	}
+	if ca, ok := source.(*meshtls.CASource); ok && f.tls.caReloadInterval > 0 {
+		go func() { errc <- ca.WatchCADir(ctx, f.caDir, f.tls.caReloadInterval) }()
+	}
 
 	if f.healthAddr != "" {
 		hl, err := net.Listen("tcp", f.healthAddr)
 		if err != nil {
 			return fmt.Errorf("--health-addr: %w", err)
 		}
-		hs := &http.Server{Handler: healthHandler(ag, proxy), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: healthHandler(ag, proxy, pods), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- serveUntil(ctx, hs, hl) }()
 	}
 
@@ -199,10 +224,11 @@ func runCmd(args []string, stdout io.Writer) error {
 	api := &http.Server{Handler: enroll.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
 	go func() { errc <- serveUntil(ctx, api, sl) }()
 
-	log.Info("meshlessd ready",
+	log.Info("meshlessd ready", append([]any{
 		"node", f.node, "trust_domain", td.Name(), "mode", string(mode), "strict_egress", f.strictEgress,
 		"mesh_cidrs", f.meshCIDRs.String(), "iptables_backend", string(backend), "socket", f.socket,
-		"health_addr", f.healthAddr, "svid_ttl", f.svidTTL.String(), "pods_reattached", restored)
+		"health_addr", f.healthAddr, "svid_ttl", f.svidTTL.String(), "pods_reattached", restored},
+		f.tls.logAttrs()...)...)
 
 	select {
 	case <-ctx.Done():
@@ -227,7 +253,7 @@ func serveUntil(ctx context.Context, s *http.Server, l net.Listener) error {
 	return nil
 }
 
-func healthHandler(ag *agent.Agent, proxy *tunnel.Proxy) http.Handler {
+func healthHandler(ag *agent.Agent, proxy *tunnel.Proxy, pods *kube.Pods) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
@@ -235,6 +261,11 @@ func healthHandler(ag *agent.Agent, proxy *tunnel.Proxy) http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !ag.Ready() {
 			http.Error(w, "restoring enrolled pods", http.StatusServiceUnavailable)
+			return
+		}
+		// Until the first list of the node's pods has arrived, every enrollment would wait for its pod.
+		if pods != nil && !pods.Synced() {
+			http.Error(w, "listing this node's pods from the Kubernetes API", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ready")

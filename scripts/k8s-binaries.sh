@@ -33,6 +33,8 @@ for b in "${binaries[@]}"; do
 done
 
 export PATH="$PATH:/usr/local/go/bin"
+# The caller's GOFLAGS (-mod=vendor, say) and go.work do not fit the scratch module.
+export GOFLAGS=-buildvcs=false GOWORK=off
 cache_dir="${MESHLESS_CACHE:-/var/cache/meshless}/kubernetes-$version"
 mkdir -p "$cache_dir"
 

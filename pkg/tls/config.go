@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
+	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -17,22 +20,58 @@ import (
 type Configs struct {
 	src       Source
 	authorize tlsconfig.Authorizer
+	// curves is every config's CurvePreferences; nil keeps Go's default, post-quantum first.
+	curves []tls.CurveID
 
 	mu      sync.Mutex
+	gen     *generation
 	clients map[spiffeid.ID]*tls.Config
 	servers map[spiffeid.ID]*tls.Config
+}
+
+// generation is what the configs built between two Resets share.
+type generation struct {
+	// retired is set by Reset to the bundles that were in force when the generation's configs
+	// were dropped; handshakes still running on them verify against it.
+	retired atomic.Pointer[retiredBundles]
+}
+
+type retiredBundles struct{ x509bundle.Source }
+
+// classicalCurves are the key exchanges offered and accepted when post-quantum key exchange is
+// off. In FIPS 140-3 mode Go leaves out X25519, which is not approved, so P-256 remains.
+var classicalCurves = []tls.CurveID{tls.X25519, tls.CurveP256}
+
+// Option tunes NewConfigs.
+type Option func(*Configs)
+
+// PostQuantum turns the hybrid post-quantum key exchange (X25519MLKEM768, offered first by
+// default) on or off; off limits the key exchange, offered and accepted, to X25519 and P-256
+// (P-256 alone in FIPS 140-3 mode).
+func PostQuantum(enabled bool) Option {
+	return func(c *Configs) {
+		c.curves = nil
+		if !enabled {
+			c.curves = classicalCurves
+		}
+	}
 }
 
 // NewConfigs returns Configs that present SVIDs of src, verify peers against src's bundles and
 // then ask authorize, typically tlsconfig.AuthorizeMemberOf(trustDomain). A nil authorize
 // admits the peers of the local identity's own trust domain.
-func NewConfigs(src Source, authorize tlsconfig.Authorizer) *Configs {
-	return &Configs{
+func NewConfigs(src Source, authorize tlsconfig.Authorizer, opts ...Option) *Configs {
+	c := &Configs{
 		src:       src,
 		authorize: authorize,
+		gen:       &generation{},
 		clients:   make(map[spiffeid.ID]*tls.Config),
 		servers:   make(map[spiffeid.ID]*tls.Config),
 	}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
 }
 
 // Client returns the config with which a pod of identity id connects to another: it presents id's
@@ -45,15 +84,16 @@ func (c *Configs) Client(id spiffeid.ID) *tls.Config {
 		return cfg
 	}
 	cfg := &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{ALPN},
+		MinVersion:       tls.VersionTLS13,
+		NextProtos:       []string{ALPN},
+		CurvePreferences: c.curves,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return c.certificate(id)
 		},
 		// The standard verification knows nothing of SPIFFE IDs; VerifyConnection replaces it and,
 		// unlike VerifyPeerCertificate, also runs on resumed sessions.
 		InsecureSkipVerify: true,
-		VerifyConnection:   c.verifier(id),
+		VerifyConnection:   c.verifier(id, c.gen),
 		ClientSessionCache: tls.NewLRUClientSessionCache(0),
 	}
 	c.clients[id] = cfg
@@ -71,15 +111,16 @@ func (c *Configs) Server(id spiffeid.ID) *tls.Config {
 		return cfg
 	}
 	cfg := &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{ALPN},
+		MinVersion:       tls.VersionTLS13,
+		NextProtos:       []string{ALPN},
+		CurvePreferences: c.curves,
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return c.certificate(id)
 		},
 		// Any certificate is asked for here; VerifyConnection checks it against the bundle, also
 		// on resumed sessions.
 		ClientAuth:       tls.RequireAnyClientCert,
-		VerifyConnection: c.verifier(id),
+		VerifyConnection: c.verifier(id, c.gen),
 	}
 	c.servers[id] = cfg
 	return cfg
@@ -92,6 +133,23 @@ func (c *Configs) Forget(id spiffeid.ID) {
 	defer c.mu.Unlock()
 	delete(c.clients, id)
 	delete(c.servers, id)
+}
+
+// Reset drops every config, with their session caches and ticket keys, for when the trust bundle
+// changes: a resumed session whose peer certificate no longer verifies fails its handshake (TLS
+// has no fallback to a full handshake then), so sessions made under the old bundle must not be
+// offered or accepted any more. Connections already open are not affected. Handshakes already
+// running on the dropped configs verify against previous, the bundles in force when they started
+// (nil: the source's current ones); the source calls Reset before it switches bundles.
+func (c *Configs) Reset(previous x509bundle.Source) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if previous != nil {
+		c.gen.retired.Store(&retiredBundles{previous})
+	}
+	c.gen = &generation{}
+	clear(c.clients)
+	clear(c.servers)
 }
 
 // certificate returns id's current SVID in the form crypto/tls wants; asked at every handshake so
@@ -108,8 +166,29 @@ func (c *Configs) certificate(id spiffeid.ID) (*tls.Certificate, error) {
 	return cert, nil
 }
 
-// verifier returns the VerifyConnection callback for the configs of local identity id.
-func (c *Configs) verifier(id spiffeid.ID) func(tls.ConnectionState) error {
+// resumeGrace bounds how long a resumed handshake may take, for verifyTime.
+const resumeGrace = 10 * time.Second
+
+// verifyTime returns the time at which to verify the peer's certificates: now, except for a
+// resumed session whose peer certificate expired within resumeGrace. crypto/tls resumes a session
+// only if its peer certificate has not expired when the handshake starts, and makes a full
+// handshake otherwise; VerifyConnection runs a round trip later, so a session resumed in the last
+// moments of the certificate's life would fail outright. Such a session is verified as of its
+// certificate's last valid instant, when crypto/tls decided to resume it. Short-lived SVIDs make
+// that case frequent: resumed sessions keep their peer certificate to its end.
+func verifyTime(cs tls.ConnectionState, now time.Time) time.Time {
+	if !cs.DidResume || len(cs.PeerCertificates) == 0 {
+		return now
+	}
+	if expiry := cs.PeerCertificates[0].NotAfter; now.After(expiry) && now.Sub(expiry) <= resumeGrace {
+		return expiry
+	}
+	return now
+}
+
+// verifier returns the VerifyConnection callback for the configs of local identity id, built in
+// generation gen.
+func (c *Configs) verifier(id spiffeid.ID, gen *generation) func(tls.ConnectionState) error {
 	authorize := c.authorize
 	if authorize == nil {
 		authorize = tlsconfig.AuthorizeMemberOf(id.TrustDomain())
@@ -121,7 +200,11 @@ func (c *Configs) verifier(id spiffeid.ID) func(tls.ConnectionState) error {
 		if len(cs.PeerCertificates) == 0 {
 			return errors.New("peer sent no certificate")
 		}
-		peer, chains, err := x509svid.Verify(cs.PeerCertificates, c.src)
+		var bundles x509bundle.Source = c.src
+		if r := gen.retired.Load(); r != nil {
+			bundles = r.Source
+		}
+		peer, chains, err := x509svid.Verify(cs.PeerCertificates, bundles, x509svid.WithTime(verifyTime(cs, time.Now())))
 		if err != nil {
 			return fmt.Errorf("peer certificate rejected: %w", err)
 		}

@@ -228,6 +228,11 @@ func TestRefusals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Valid from an hour from now (minus the minute of clock skew that minting allows).
+	notYetValid, err := src.ca.mint(a, time.Now().Add(time.Hour), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	twoURIs := []*url.URL{a.URL(), b.URL()}
 
 	// rawClient presents whatever it is given, without any checks of its own.
@@ -255,7 +260,10 @@ func TestRefusals(t *testing.T) {
 		{"foreign trust domain not authorized", rawClient(tlsCert(foreign)), lenient.Server(b), "peer spiffe://other.test/ns/demo/sa/a not authorized"},
 		{"no client certificate", rawClient(), configs.Server(b), "client didn't provide a certificate"},
 		{"not chained to the bundle", rawClient(tlsCert(stranger)), configs.Server(b), "certificate signed by unknown authority"},
-		{"expired", rawClient(tlsCert(expired)), configs.Server(b), "certificate has expired"},
+		// crypto/x509 says "certificate has expired or is not yet valid: current time T is after
+		// (or before) NotAfter (NotBefore)"; the word between the times tells the two cases apart.
+		{"expired", rawClient(tlsCert(expired)), configs.Server(b), "is after"},
+		{"not yet valid", rawClient(tlsCert(notYetValid)), configs.Server(b), "is before"},
 		{"no SPIFFE ID", rawClient(craftLeaf(t, src.ca, nil)), configs.Server(b), "certificate contains no URI SAN"},
 		{"two SPIFFE IDs", rawClient(craftLeaf(t, src.ca, twoURIs)), configs.Server(b), "more than one URI SAN"},
 		{"no ALPN", noALPN, configs.Server(b), `peer did not negotiate ALPN "meshless/1"`},
@@ -285,6 +293,8 @@ func TestRefusals(t *testing.T) {
 		{"server not chained to the bundle", rawServer(tlsCert(mustSVID(t, strangerSrc, b))), "certificate signed by unknown authority"},
 		{"server of a foreign trust domain", rawServer(tlsCert(foreign)), `no trust bundle for trust domain "other.test"`},
 		{"server without SPIFFE ID", rawServer(craftLeaf(t, src.ca, nil)), "certificate contains no URI SAN"},
+		{"expired server", rawServer(tlsCert(expired)), "is after"},
+		{"server not yet valid", rawServer(tlsCert(notYetValid)), "is before"},
 		{"server without ALPN", plainServer, `peer did not negotiate ALPN "meshless/1" (got "")`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -311,4 +321,38 @@ func mustSVID(t *testing.T, src Source, id spiffeid.ID) *x509svid.SVID {
 		t.Fatal(err)
 	}
 	return svid
+}
+
+// TestResumedAtExpiry verifies a resumed session whose peer certificate expired while the
+// handshake ran as of the certificate's last instant, as crypto/tls decided to resume it while
+// it was valid; a full handshake, or a certificate expired longer ago, is refused.
+func TestResumedAtExpiry(t *testing.T) {
+	a, b := mustID(t, testTD, "demo", "a"), mustID(t, testTD, "demo", "b")
+	src := newTestSource(t, a, b)
+	verify := NewConfigs(src, nil).Server(b).VerifyConnection
+	expiredAgo := func(d time.Duration) []*x509.Certificate {
+		svid, err := src.ca.mint(a, time.Now().Add(-time.Hour-d), time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return svid.Certificates
+	}
+	for _, tc := range []struct {
+		name    string
+		resumed bool
+		ago     time.Duration
+		ok      bool
+	}{
+		{"resumed, expired during the handshake", true, time.Second, true},
+		{"full handshake, just expired", false, time.Second, false},
+		{"resumed, expired long ago", true, time.Minute, false},
+	} {
+		err := verify(tls.ConnectionState{NegotiatedProtocol: ALPN, DidResume: tc.resumed, PeerCertificates: expiredAgo(tc.ago)})
+		if tc.ok && err != nil {
+			t.Errorf("%s: %v", tc.name, err)
+		}
+		if !tc.ok && (err == nil || !strings.Contains(err.Error(), "is after")) {
+			t.Errorf("%s: error %v, want expired", tc.name, err)
+		}
+	}
 }

@@ -2,6 +2,7 @@ package meshtls
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -27,25 +28,36 @@ type Source interface {
 }
 
 // CASource is the Source of the built-in CA. It mints an SVID per acquired identity, keeps it in
-// memory only, and Run re-mints it at half its life.
+// memory only, and Run re-mints it at half its life. SetCA (or WatchCADir) replaces the CA while
+// it runs.
 type CASource struct {
-	ca     *CA
-	td     spiffeid.TrustDomain
-	ttl    time.Duration
-	log    *slog.Logger
-	bundle *x509bundle.Bundle
+	td  spiffeid.TrustDomain
+	ttl time.Duration
+	log *slog.Logger
 	// now is the clock; tests move it forward to make rotation due without waiting.
 	now func() time.Time
 	// wake tells Run that the held SVIDs changed and its timer may be stale.
 	wake chan struct{}
 
-	mu   sync.Mutex
-	held map[spiffeid.ID]*heldSVID
+	// setMu orders SetCA calls, so that change listeners and the swap they precede stay paired.
+	setMu sync.Mutex
+
+	mu        sync.Mutex
+	ca        *CA
+	bundle    *x509bundle.Bundle
+	held      map[spiffeid.ID]*heldSVID
+	listeners []func(previous x509bundle.Source)
 }
 
 type heldSVID struct {
-	refs    int
+	refs int
+	minted
+}
+
+// minted is an SVID with the CA certificate that signed it and the time to renew it.
+type minted struct {
 	svid    *x509svid.SVID
+	issuer  *x509.Certificate
 	renewAt time.Time
 }
 
@@ -96,7 +108,7 @@ func (s *CASource) Acquire(w Workload) error {
 	s.mu.Unlock()
 
 	// Minted without the lock so handshakes asking for other SVIDs never wait on key generation.
-	svid, renewAt, err := s.mint(id)
+	m, err := s.mint(id)
 	if err != nil {
 		return fmt.Errorf("acquire SVID: %w", err)
 	}
@@ -107,10 +119,10 @@ func (s *CASource) Acquire(w Workload) error {
 		s.mu.Unlock()
 		return nil
 	}
-	s.held[id] = &heldSVID{refs: 1, svid: svid, renewAt: renewAt}
+	s.held[id] = &heldSVID{refs: 1, minted: s.staleCheckLocked(m)}
 	s.mu.Unlock()
 
-	s.log.Info("svid minted", "spiffe_id", id.String(), "serial", serialHex(svid), "expires", svid.Certificates[0].NotAfter)
+	s.log.Info("svid minted", m.logAttrs(id)...)
 	s.nudge()
 	return nil
 }
@@ -154,6 +166,8 @@ func (s *CASource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bu
 	if td != s.td {
 		return nil, fmt.Errorf("no trust bundle for trust domain %q (this node trusts %q)", td.Name(), s.td.Name())
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return s.bundle, nil
 }
 
@@ -198,14 +212,14 @@ func (s *CASource) rotateDue() (time.Time, bool) {
 	s.mu.Unlock()
 
 	for _, d := range due {
-		svid, renewAt, err := s.mint(d.id)
+		m, err := s.mint(d.id)
 		s.mu.Lock()
 		// Skip identities released (or released and acquired again) while minting.
 		current := s.held[d.id] == d.h
 		oldExpires := d.h.svid.Certificates[0].NotAfter
 		if current {
 			if err == nil {
-				d.h.svid, d.h.renewAt = svid, renewAt
+				d.h.minted = s.staleCheckLocked(m)
 			} else {
 				d.h.renewAt = now.Add(retryInterval)
 			}
@@ -217,7 +231,7 @@ func (s *CASource) rotateDue() (time.Time, bool) {
 			s.log.Error("svid rotation failed", "spiffe_id", d.id.String(), "reason", err.Error(),
 				"expires", oldExpires, "retry_in", retryInterval)
 		default:
-			s.log.Info("svid rotated", "spiffe_id", d.id.String(), "serial", serialHex(svid), "expires", svid.Certificates[0].NotAfter)
+			s.log.Info("svid rotated", m.logAttrs(d.id)...)
 		}
 	}
 
@@ -232,16 +246,34 @@ func (s *CASource) rotateDue() (time.Time, bool) {
 	return next, !next.IsZero()
 }
 
-// mint issues a new SVID for id and says when to renew it: at half its actual lifetime, which
-// the CA's expiry may have shortened.
-func (s *CASource) mint(id spiffeid.ID) (*x509svid.SVID, time.Time, error) {
+// mint issues a new SVID for id with the current CA and says when to renew it: at half its
+// actual lifetime, which the CA's expiry may have shortened.
+func (s *CASource) mint(id spiffeid.ID) (minted, error) {
 	now := s.now()
-	svid, err := s.ca.mint(id, now, s.ttl)
+	s.mu.Lock()
+	ca := s.ca
+	s.mu.Unlock()
+	svid, err := ca.mint(id, now, s.ttl)
 	if err != nil {
-		return nil, time.Time{}, err
+		return minted{}, err
 	}
 	life := svid.Certificates[0].NotAfter.Sub(now)
-	return svid, now.Add(life / 2), nil
+	return minted{svid: svid, issuer: ca.cert, renewAt: now.Add(life / 2)}, nil
+}
+
+// staleCheckLocked makes m due at once if SetCA replaced the signing CA while m was minted, so
+// that no SVID of a replaced CA is kept for half a life.
+func (s *CASource) staleCheckLocked(m minted) minted {
+	if !m.issuer.Equal(s.ca.cert) {
+		m.renewAt = s.now()
+		s.nudge()
+	}
+	return m
+}
+
+func (m minted) logAttrs(id spiffeid.ID) []any {
+	return []any{"spiffe_id", id.String(), "serial", serialHex(m.svid), "ca_serial", m.issuer.SerialNumber.Text(16),
+		"expires", m.svid.Certificates[0].NotAfter}
 }
 
 func (s *CASource) nudge() {

@@ -1,0 +1,212 @@
+// Package kube is the node daemon's view of its own node's pods in the Kubernetes API: an informer
+// on the pods whose spec.nodeName is this node, from which enrolling pods take their service
+// account (agent.ServiceAccounts).
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	coreinformers "k8s.io/client-go/informers/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/meshless/meshless/pkg/enroll"
+)
+
+// DefaultWait bounds how long ServiceAccountOf waits for a pod to appear. It stays below the CNI
+// plugin's 10 s enrollment request timeout, so that the plugin gets the daemon's own error (which
+// says what is missing) rather than a time-out of its request.
+const DefaultWait = 5 * time.Second
+
+// ErrPodNotFound reports a pod that did not appear on this node in the API in time. The CNI ADD
+// fails with it and the runtime retries the sandbox; a service account is never guessed.
+var ErrPodNotFound = errors.New("pod not found in the Kubernetes API")
+
+// errWaited is the cause of a ServiceAccountOf context that ran out of its own wait, as opposed to
+// the caller's context ending.
+var errWaited = errors.New("waited too long")
+
+// InCluster reports whether the process runs in a Kubernetes pod, where the in-cluster
+// configuration (the pod's service account token) applies.
+func InCluster() bool {
+	return os.Getenv("KUBERNETES_SERVICE_HOST") != ""
+}
+
+// NewClient connects to the API server described by the kubeconfig file at path or, when path is
+// empty, by the in-cluster configuration.
+func NewClient(kubeconfig string) (kubernetes.Interface, error) {
+	var (
+		rc  *rest.Config
+		err error
+	)
+	if kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
+		}
+	} else {
+		rc, err = rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("no --kubeconfig and no usable in-cluster configuration: %w", err)
+		}
+	}
+	rc.UserAgent = "meshlessd"
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	return client, nil
+}
+
+// Config is what Pods is built from.
+type Config struct {
+	Client kubernetes.Interface
+	// Node is this node's name: only pods with this spec.nodeName are watched.
+	Node string
+	// Wait bounds how long ServiceAccountOf waits for a pod to appear; 0 means DefaultWait.
+	Wait time.Duration
+	Log  *slog.Logger
+}
+
+// Pods watches the pods of one node. Run starts the watch; ServiceAccountOf answers from it.
+type Pods struct {
+	node     string
+	wait     time.Duration
+	log      *slog.Logger
+	informer cache.SharedIndexInformer
+
+	mu sync.Mutex
+	// changed is closed, and replaced, whenever a pod is added or updated: waiters in
+	// ServiceAccountOf look again then, instead of polling.
+	changed chan struct{}
+	// waiting, when set, is called each time ServiceAccountOf starts waiting for the pod: tests
+	// use it to create the pod only once enrollment has looked for it.
+	waiting func(enroll.Pod)
+}
+
+// New returns the watch of cfg.Node's pods, not yet started.
+func New(cfg Config) (*Pods, error) {
+	if cfg.Client == nil {
+		return nil, errors.New("kube: no client")
+	}
+	if cfg.Node == "" {
+		return nil, errors.New("kube: no node name")
+	}
+	if cfg.Wait <= 0 {
+		cfg.Wait = DefaultWait
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	onNode := fields.OneTermEqualSelector("spec.nodeName", cfg.Node).String()
+	// No resync: the answer depends only on what the API says, and every change arrives by watch.
+	informer := coreinformers.NewFilteredPodInformer(cfg.Client, metav1.NamespaceAll, 0, cache.Indexers{},
+		func(o *metav1.ListOptions) { o.FieldSelector = onNode })
+	p := &Pods{node: cfg.Node, wait: cfg.Wait, log: cfg.Log, informer: informer, changed: make(chan struct{})}
+	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { p.notify() },
+		UpdateFunc: func(any, any) { p.notify() },
+	}); err != nil {
+		return nil, fmt.Errorf("kube: pod informer: %w", err)
+	}
+	return p, nil
+}
+
+// Run watches the node's pods until ctx ends.
+func (p *Pods) Run(ctx context.Context) {
+	go p.informer.Run(ctx.Done())
+	if cache.WaitForCacheSync(ctx.Done(), p.informer.HasSynced) {
+		p.log.Info("kubernetes pods synced", "node", p.node, "pods", len(p.informer.GetStore().ListKeys()))
+	}
+	<-ctx.Done()
+}
+
+// Synced reports whether the first list of the node's pods has arrived; until then the daemon is
+// not ready.
+func (p *Pods) Synced() bool { return p.informer.HasSynced() }
+
+func (p *Pods) notify() {
+	p.mu.Lock()
+	close(p.changed)
+	p.changed = make(chan struct{})
+	p.mu.Unlock()
+}
+
+func (p *Pods) changes() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.changed
+}
+
+// ServiceAccountOf returns the service account of the pod that the API shows on this node with
+// the enrolling pod's namespace, name and (when the CNI args carry it) UID. A pod the watch has
+// not seen yet is waited for, at most the configured wait; a pod of the same name with another
+// UID (an older pod of a StatefulSet, say) is never taken for it.
+func (p *Pods) ServiceAccountOf(ctx context.Context, want enroll.Pod) (string, error) {
+	ctx, cancel := context.WithTimeoutCause(ctx, p.wait, errWaited)
+	defer cancel()
+	key := want.Namespace + "/" + want.Name
+	var other string
+	for {
+		// Taken before looking: the informer updates its store before it calls the handlers,
+		// so a pod stored after this look closes this channel.
+		changed := p.changes()
+		obj, ok, err := p.informer.GetStore().GetByKey(key)
+		if err != nil {
+			return "", fmt.Errorf("pod %s in the informer cache: %w", key, err)
+		}
+		if ok {
+			pod := obj.(*corev1.Pod)
+			if want.UID == "" || string(pod.UID) == want.UID {
+				return serviceAccountName(pod), nil
+			}
+			other = string(pod.UID)
+		}
+		if p.waiting != nil {
+			p.waiting(want)
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return "", p.notFound(want, other, context.Cause(ctx))
+		}
+	}
+}
+
+func (p *Pods) notFound(want enroll.Pod, otherUID string, cause error) error {
+	what := fmt.Sprintf("pod %s/%s", want.Namespace, want.Name)
+	if want.UID != "" {
+		what += " uid " + want.UID
+	}
+	if !errors.Is(cause, errWaited) {
+		return fmt.Errorf("waiting for %s in the Kubernetes API: %w", what, cause)
+	}
+	detail := ""
+	switch {
+	case !p.informer.HasSynced():
+		detail = " (the pod list has not synced with the API server yet)"
+	case otherUID != "":
+		detail = fmt.Sprintf(" (the API shows a pod of that name with uid %s)", otherUID)
+	}
+	return fmt.Errorf("%w: %s not on node %s after %s%s", ErrPodNotFound, what, p.node, p.wait, detail)
+}
+
+// serviceAccountName is the pod's service account; an empty name means "default", as in
+// Kubernetes (its admission fills it in, but an API server without that plugin leaves it empty).
+func serviceAccountName(pod *corev1.Pod) string {
+	if pod.Spec.ServiceAccountName == "" {
+		return "default"
+	}
+	return pod.Spec.ServiceAccountName
+}

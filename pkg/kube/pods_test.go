@@ -1,0 +1,89 @@
+package kube_test
+
+// Unit tests with client-go's fake clientset, for what a real API server cannot show: a pod with
+// no service account name (admission always fills it in), a watch that never synced, and client
+// construction errors. The behaviour against a real API server is in apiserver_test.go.
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/meshless/meshless/pkg/enroll"
+	"github.com/meshless/meshless/pkg/kube"
+)
+
+func TestNewNeedsClientAndNode(t *testing.T) {
+	if _, err := kube.New(kube.Config{Node: "n1"}); err == nil {
+		t.Error("New without a client: no error")
+	}
+	if _, err := kube.New(kube.Config{Client: fake.NewClientset()}); err == nil {
+		t.Error("New without a node name: no error")
+	}
+}
+
+func TestEmptyServiceAccountNameIsDefault(t *testing.T) {
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "web", UID: "u1"},
+		Spec:       corev1.PodSpec{NodeName: "n1"},
+	}
+	pods, err := kube.New(kube.Config{Client: fake.NewClientset(pod), Node: "n1", Wait: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	startWatch(t, pods)
+	sa, err := pods.ServiceAccountOf(context.Background(), enroll.Pod{Namespace: "shop", Name: "web", UID: "u1"})
+	if err != nil || sa != "default" {
+		t.Fatalf("ServiceAccountOf = (%q, %v), want default", sa, err)
+	}
+}
+
+func TestUnsyncedWatchTimesOutAndSaysSo(t *testing.T) {
+	pods, err := kube.New(kube.Config{Client: fake.NewClientset(), Node: "n1", Wait: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Never run: the API server is unreachable, say.
+	_, err = pods.ServiceAccountOf(context.Background(), enroll.Pod{Namespace: "shop", Name: "web", UID: "u1"})
+	if !errors.Is(err, kube.ErrPodNotFound) {
+		t.Fatalf("error %v, want ErrPodNotFound", err)
+	}
+	for _, want := range []string{"shop/web", "uid u1", "node n1", "not synced"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
+func TestCallerCancellationIsNotATimeout(t *testing.T) {
+	pods, err := kube.New(kube.Config{Client: fake.NewClientset(), Node: "n1", Wait: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err = pods.ServiceAccountOf(ctx, enroll.Pod{Namespace: "shop", Name: "web"})
+	if !errors.Is(err, context.Canceled) || errors.Is(err, kube.ErrPodNotFound) {
+		t.Fatalf("error %v, want context.Canceled", err)
+	}
+}
+
+func TestNewClientErrors(t *testing.T) {
+	// Outside a pod, with no kubeconfig, there is nothing to connect with.
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	t.Setenv("KUBERNETES_SERVICE_PORT", "")
+	if _, err := kube.NewClient(""); err == nil || !strings.Contains(err.Error(), "in-cluster") {
+		t.Errorf("NewClient(\"\") outside a cluster: error %v, want one about the in-cluster configuration", err)
+	}
+	missing := filepath.Join(t.TempDir(), "nope.kubeconfig")
+	if _, err := kube.NewClient(missing); err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("NewClient(%s): error %v, want one naming the file", missing, err)
+	}
+}
