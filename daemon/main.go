@@ -5,6 +5,7 @@
 //	meshlessd run      serve the node (enrollment socket, data path, health)
 //	meshlessd ca init  create the built-in CA
 //	meshlessd status   ask a running daemon how it is doing
+//	meshlessd install-cni  install meshless-cni and chain it into the node's CNI conflist
 package main
 
 import (
@@ -19,6 +20,8 @@ commands:
   run      serve this node: enroll pods, carry their traffic over mTLS
   ca init  create a new CA (ca.crt, ca.key) for the built-in identity source
   status   print the status of the daemon serving a socket
+  install-cni  copy meshless-cni into the CNI bin dir and chain it last in the primary
+               conflist (--watch: keep it chained; --uninstall: take it out again)
 `
 
 func main() {
@@ -42,6 +45,8 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		err = caInitCmd(args[2:], stdout)
 	case "status":
 		err = statusCmd(args[1:], stdout)
+	case "install-cni":
+		err = installCNICmd(args[1:], stdout)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -36,8 +36,10 @@ export GOFLAGS=-buildvcs=false GOWORK=off
 go mod init meshless.local/spire-tools >/dev/null 2>&1
 go get -tool "github.com/spiffe/spire/cmd/spire-server@$SPIRE_VERSION"
 go get -tool "github.com/spiffe/spire/cmd/spire-agent@$SPIRE_VERSION"
-# The SQLite datastore of spire-server needs cgo.
-CGO_ENABLED=1 GOBIN=$bin.tmp go install github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+# The SQLite datastore of spire-server needs cgo. Without symbol tables the link takes half the
+# time and the binaries a third less space.
+CGO_ENABLED=1 GOBIN=$bin.tmp go install -ldflags="-s -w" \
+	github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
 rm -rf "$bin"
 mv "$bin.tmp" "$bin"
 echo "spire-binaries: built in $(($(date +%s) - start))s"

@@ -241,8 +241,13 @@ func (e *spireEnv) daemon(name, bin string, args ...string) (*exec.Cmd, <-chan s
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
 	e.t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-done
+		select {
+		case <-done:
+			// Already gone (killAgent): its pid may belong to another process by now.
+		default:
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-done
+		}
 		logFile.Close()
 		if e.t.Failed() {
 			if b, err := os.ReadFile(logPath); err == nil {

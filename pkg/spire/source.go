@@ -84,8 +84,11 @@ type Source struct {
 	subs      map[spiffeid.ID]*subscription
 	bundles   map[spiffeid.TrustDomain]*x509bundle.Bundle
 	bundleRaw map[spiffeid.TrustDomain][]byte
-	// bundleErr is why the bundle stream is down, if it is.
+	// bundleErr is why there are no bundles yet or the bundle stream is down.
 	bundleErr error
+	// agentAway is set while the bundle stream, which runs as long as the source, fails: the
+	// agent is unreachable or refuses this delegate.
+	agentAway bool
 	listeners []func(previous x509bundle.Source)
 	// changed is closed and replaced whenever an SVID, a bundle or an error changes, waking
 	// the Acquire calls that wait.
@@ -164,10 +167,10 @@ func (s *Source) Close() error {
 }
 
 // Acquire makes sure an SVID for w's ID is held, subscribing to it (or joining the subscription
-// of another pod of the same identity). It waits at most the configured AcquireTimeout for SPIRE
-// to deliver an SVID with exactly that ID and the bundle of its trust domain, and fails with the
-// reason otherwise: the agent unreachable or refusing this delegate, or no registration entry
-// matching the pod's selectors.
+// of another pod of the same identity, whose SVID is used as long as it is valid). It waits at
+// most the configured AcquireTimeout for SPIRE to deliver an SVID with exactly that ID and the
+// bundle of its trust domain, and fails with the reason otherwise: no registration entry matching
+// the pod's selectors, or, at once, the agent unreachable or refusing this delegate.
 func (s *Source) Acquire(w meshtls.Workload) error {
 	if w.Namespace == "" || w.ServiceAccount == "" {
 		return fmt.Errorf("acquire SVID for %s from SPIRE: the pod's namespace and service account are needed to select it", w.ID)
@@ -182,7 +185,7 @@ func (s *Source) Acquire(w meshtls.Workload) error {
 		s.subs[w.ID] = sub
 		s.wg.Add(1)
 		go s.follow(ctx, "svids", w.ID.String(),
-			func(ctx context.Context) (bool, error) { return s.streamSVIDs(ctx, sub) },
+			func(ctx context.Context, delivered func()) error { return s.streamSVIDs(ctx, sub, delivered) },
 			func(err error) { s.setSubErr(sub, err) })
 	}
 	s.mu.Unlock()
@@ -195,17 +198,25 @@ func (s *Source) Acquire(w meshtls.Workload) error {
 	return nil
 }
 
-// waitUsable waits until sub holds an unexpired SVID and its trust domain's bundle is known.
+// waitUsable waits until sub holds an unexpired SVID and its trust domain's bundle is known. It
+// gives up at once while the agent is known to be away (its bundle stream is failing): the
+// agent's enrollment lock is held during Acquire, and every pod enrolled or re-attached then
+// would otherwise wait out the whole bound.
 func (s *Source) waitUsable(sub *subscription) error {
 	timer := time.NewTimer(s.cfg.AcquireTimeout)
 	defer timer.Stop()
 	for {
 		s.mu.Lock()
 		reason := s.unusableLocked(sub)
+		agentAway := s.agentAway
+		bundleErr := s.bundleErr
 		changed := s.changed
 		s.mu.Unlock()
-		if reason == nil {
+		switch {
+		case reason == nil:
 			return nil
+		case agentAway:
+			return fmt.Errorf("no usable SVID (%w) and the SPIRE agent is unavailable: %w", reason, bundleErr)
 		}
 		select {
 		case <-changed:
@@ -278,26 +289,41 @@ func (s *Source) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bund
 }
 
 // follow runs stream until ctx ends, starting it again with exponential backoff whenever it
-// ends; a stream that delivered something resets the backoff. setErr records why it ended.
-func (s *Source) follow(ctx context.Context, stream, id string, run func(context.Context) (bool, error), setErr func(error)) {
+// ends; a stream that delivered something resets the backoff. setErr records why it ended. The
+// first failure in a row is a warning and the next ones, while the agent stays away, are debug
+// lines; the first delivery after failures says the stream is back.
+func (s *Source) follow(ctx context.Context, stream, id string, run func(ctx context.Context, delivered func()) error, setErr func(error)) {
 	defer s.wg.Done()
+	attrs := []any{"stream", stream}
+	if id != "" {
+		attrs = append(attrs, "spiffe_id", id)
+	}
+	// Clipped so that the appends below never share a backing array.
+	attrs = slices.Clip(attrs)
 	wait := minBackoff
+	failures := 0
+	var lostAt time.Time
+	delivered := func() {
+		if failures > 0 {
+			s.log.Info("spire stream restored", append(attrs, "failures", failures, "down_for", time.Since(lostAt).Round(time.Millisecond).String())...)
+		}
+		failures = 0
+		wait = minBackoff
+	}
 	for {
-		delivered, err := run(ctx)
+		err := run(ctx, delivered)
 		if ctx.Err() != nil {
 			return
 		}
-		if delivered {
-			wait = minBackoff
-		}
 		setErr(err)
+		failures++
 		// Jitter keeps the streams of many identities from reconnecting in lockstep.
 		d := wait - time.Duration(rand.Int64N(int64(wait)/5+1))
-		attrs := []any{"stream", stream, "reason", err.Error(), "retry_in", d.String()}
-		if id != "" {
-			attrs = append(attrs, "spiffe_id", id)
+		level := slog.LevelDebug
+		if failures == 1 {
+			level, lostAt = slog.LevelWarn, time.Now()
 		}
-		s.log.Warn("spire stream lost", attrs...)
+		s.log.Log(ctx, level, "spire stream lost", append(attrs, "reason", err.Error(), "retry_in", d.String())...)
 		select {
 		case <-ctx.Done():
 			return
@@ -308,21 +334,20 @@ func (s *Source) follow(ctx context.Context, stream, id string, run func(context
 }
 
 // streamSVIDs subscribes to the SVIDs SPIRE issues for sub's selectors and records each update
-// until the stream ends; it says whether anything was received.
-func (s *Source) streamSVIDs(ctx context.Context, sub *subscription) (bool, error) {
+// until the stream ends, calling delivered at each.
+func (s *Source) streamSVIDs(ctx context.Context, sub *subscription, delivered func()) error {
 	stream, err := s.client.SubscribeToX509SVIDs(ctx, &delegatedidentityv1.SubscribeToX509SVIDsRequest{
 		Selectors: selectors(sub.w),
 	})
 	if err != nil {
-		return false, fmt.Errorf("subscribe to X.509-SVIDs: %w", err)
+		return fmt.Errorf("subscribe to X.509-SVIDs: %w", err)
 	}
-	delivered := false
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
-			return delivered, streamEnd("X.509-SVID", err)
+			return streamEnd("X.509-SVID", err)
 		}
-		delivered = true
+		delivered()
 		s.updateSVID(sub, resp.GetX509Svids())
 	}
 }
@@ -383,19 +408,18 @@ func (s *Source) updateSVID(sub *subscription, got []*delegatedidentityv1.X509SV
 }
 
 // streamBundles subscribes to the X.509 bundles of all trust domains the agent knows and records
-// each update until the stream ends; it says whether anything was received.
-func (s *Source) streamBundles(ctx context.Context) (bool, error) {
+// each update until the stream ends, calling delivered at each.
+func (s *Source) streamBundles(ctx context.Context, delivered func()) error {
 	stream, err := s.client.SubscribeToX509Bundles(ctx, &delegatedidentityv1.SubscribeToX509BundlesRequest{})
 	if err != nil {
-		return false, fmt.Errorf("subscribe to X.509 bundles: %w", err)
+		return fmt.Errorf("subscribe to X.509 bundles: %w", err)
 	}
-	delivered := false
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
-			return delivered, streamEnd("X.509 bundle", err)
+			return streamEnd("X.509 bundle", err)
 		}
-		delivered = true
+		delivered()
 		s.updateBundles(resp.GetCaCertificates())
 	}
 }
@@ -445,7 +469,7 @@ func (s *Source) updateBundles(raw map[string][]byte) {
 	}
 
 	s.mu.Lock()
-	s.bundles, s.bundleRaw, s.bundleErr = bundles, raws, nil
+	s.bundles, s.bundleRaw, s.bundleErr, s.agentAway = bundles, raws, nil, false
 	s.broadcastLocked()
 	s.mu.Unlock()
 
@@ -485,7 +509,7 @@ func (s *Source) setSubErr(sub *subscription, err error) {
 func (s *Source) setBundleErr(err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.bundleErr = err
+	s.bundleErr, s.agentAway = err, true
 	s.broadcastLocked()
 }
 
