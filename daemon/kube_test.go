@@ -14,7 +14,11 @@ import (
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/meshless/meshless/pkg/agent"
 	"github.com/meshless/meshless/pkg/kube"
@@ -99,13 +103,26 @@ func accountsFrom(args []string) (string, error) {
 	return fmt.Sprintf("%T", accounts), nil
 }
 
+// fakePods lists and watches pods from client-go's fake clientset, empty.
+func fakePods() cache.ListerWatcher {
+	c := fake.NewClientset()
+	return &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return c.CoreV1().Pods(metav1.NamespaceAll).List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return c.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, o)
+		},
+	}
+}
+
 func TestNotReadyUntilPodsSynced(t *testing.T) {
 	ag, err := agent.New(agent.Config{StateDir: t.TempDir(), Log: discard})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ag.Restore()
-	pods, err := kube.New(kube.Config{Client: fake.NewClientset(), Node: "n1", Log: discard})
+	pods, err := kube.New(kube.Config{ListWatch: fakePods(), Node: "n1", Log: discard})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,6 +19,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/meshless/meshless/conformance/kubeapi"
 	"github.com/meshless/meshless/pkg/enroll"
@@ -54,7 +55,7 @@ var (
 	apiOnce   sync.Once
 	apiServer *kubeapi.Server
 	// daemonClient has the daemon's rights only.
-	daemonClient kubernetes.Interface
+	daemonClient rest.Interface
 	// daemonKubeconfig is its kubeconfig, as meshlessd --kubeconfig reads it.
 	daemonKubeconfig string
 	apiErr           error

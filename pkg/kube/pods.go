@@ -15,8 +15,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	coreinformers "k8s.io/client-go/informers/core/v1"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
@@ -44,8 +45,10 @@ func InCluster() bool {
 }
 
 // NewClient connects to the API server described by the kubeconfig file at path or, when path is
-// empty, by the in-cluster configuration.
-func NewClient(kubeconfig string) (kubernetes.Interface, error) {
+// empty, by the in-cluster configuration. The client is a REST client of the core/v1 API only:
+// not client-go's typed clientset, whose scheme registers every API group at start-up and costs
+// the daemon tens of MiB of resident memory for types it never reads.
+func NewClient(kubeconfig string) (rest.Interface, error) {
 	var (
 		rc  *rest.Config
 		err error
@@ -62,16 +65,39 @@ func NewClient(kubeconfig string) (kubernetes.Interface, error) {
 		}
 	}
 	rc.UserAgent = "meshlessd"
-	client, err := kubernetes.NewForConfig(rc)
+	client, err := coreV1Client(rc)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	return client, nil
 }
 
+// coreV1Client is a REST client of the core/v1 API at rc, with a scheme of its own that knows
+// core/v1 and the meta/v1 types (Status, WatchEvent, list options) and nothing else.
+func coreV1Client(rc *rest.Config) (*rest.RESTClient, error) {
+	scheme := runtime.NewScheme()
+	metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
+	if err := corev1.AddToScheme(scheme); err != nil {
+		return nil, err
+	}
+	cfg := rest.CopyConfig(rc)
+	cfg.APIPath = "/api"
+	cfg.GroupVersion = &corev1.SchemeGroupVersion
+	cfg.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
+	if cfg.UserAgent == "" {
+		cfg.UserAgent = rest.DefaultKubernetesUserAgent()
+	}
+	return rest.RESTClientFor(cfg)
+}
+
 // Config is what Pods is built from.
 type Config struct {
-	Client kubernetes.Interface
+	// Client is a REST client of the core/v1 API, as NewClient returns.
+	Client rest.Interface
+	// ListWatch, when set, lists and watches the node's pods in place of Client (which may then
+	// be nil): tests use it to serve pods from client-go's fake clientset. It must itself keep
+	// to the pods of Node, as Client's list and watch do with a spec.nodeName field selector.
+	ListWatch cache.ListerWatcher
 	// Node is this node's name: only pods with this spec.nodeName are watched.
 	Node string
 	// Wait bounds how long ServiceAccountOf waits for a pod to appear; 0 means DefaultWait.
@@ -97,7 +123,7 @@ type Pods struct {
 
 // New returns the watch of cfg.Node's pods, not yet started.
 func New(cfg Config) (*Pods, error) {
-	if cfg.Client == nil {
+	if cfg.Client == nil && cfg.ListWatch == nil {
 		return nil, errors.New("kube: no client")
 	}
 	if cfg.Node == "" {
@@ -109,10 +135,14 @@ func New(cfg Config) (*Pods, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	onNode := fields.OneTermEqualSelector("spec.nodeName", cfg.Node).String()
+	lw := cfg.ListWatch
+	if lw == nil {
+		onNode := fields.OneTermEqualSelector("spec.nodeName", cfg.Node).String()
+		lw = cache.NewFilteredListWatchFromClient(cfg.Client, "pods", metav1.NamespaceAll,
+			func(o *metav1.ListOptions) { o.FieldSelector = onNode })
+	}
 	// No resync: the answer depends only on what the API says, and every change arrives by watch.
-	informer := coreinformers.NewFilteredPodInformer(cfg.Client, metav1.NamespaceAll, 0, cache.Indexers{},
-		func(o *metav1.ListOptions) { o.FieldSelector = onNode })
+	informer := cache.NewSharedIndexInformer(lw, &corev1.Pod{}, 0, cache.Indexers{})
 	p := &Pods{node: cfg.Node, wait: cfg.Wait, log: cfg.Log, informer: informer, changed: make(chan struct{})}
 	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { p.notify() },

@@ -14,7 +14,10 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/meshless/meshless/pkg/enroll"
 	"github.com/meshless/meshless/pkg/kube"
@@ -24,8 +27,21 @@ func TestNewNeedsClientAndNode(t *testing.T) {
 	if _, err := kube.New(kube.Config{Node: "n1"}); err == nil {
 		t.Error("New without a client: no error")
 	}
-	if _, err := kube.New(kube.Config{Client: fake.NewClientset()}); err == nil {
+	if _, err := kube.New(kube.Config{ListWatch: fakePods()}); err == nil {
 		t.Error("New without a node name: no error")
+	}
+}
+
+// fakePods lists and watches pods from client-go's fake clientset holding objs.
+func fakePods(objs ...runtime.Object) cache.ListerWatcher {
+	c := fake.NewClientset(objs...)
+	return &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return c.CoreV1().Pods(metav1.NamespaceAll).List(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return c.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, o)
+		},
 	}
 }
 
@@ -34,7 +50,7 @@ func TestEmptyServiceAccountNameIsDefault(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "web", UID: "u1"},
 		Spec:       corev1.PodSpec{NodeName: "n1"},
 	}
-	pods, err := kube.New(kube.Config{Client: fake.NewClientset(pod), Node: "n1", Wait: time.Minute})
+	pods, err := kube.New(kube.Config{ListWatch: fakePods(pod), Node: "n1", Wait: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +62,7 @@ func TestEmptyServiceAccountNameIsDefault(t *testing.T) {
 }
 
 func TestUnsyncedWatchTimesOutAndSaysSo(t *testing.T) {
-	pods, err := kube.New(kube.Config{Client: fake.NewClientset(), Node: "n1", Wait: 50 * time.Millisecond})
+	pods, err := kube.New(kube.Config{ListWatch: fakePods(), Node: "n1", Wait: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +79,7 @@ func TestUnsyncedWatchTimesOutAndSaysSo(t *testing.T) {
 }
 
 func TestCallerCancellationIsNotATimeout(t *testing.T) {
-	pods, err := kube.New(kube.Config{Client: fake.NewClientset(), Node: "n1", Wait: time.Minute})
+	pods, err := kube.New(kube.Config{ListWatch: fakePods(), Node: "n1", Wait: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
