@@ -4,16 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -23,88 +19,16 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
+	"github.com/meshless/meshless/internal/podnet"
 	"github.com/meshless/meshless/pkg/capture"
 	"github.com/meshless/meshless/pkg/enroll"
 	meshtls "github.com/meshless/meshless/pkg/tls"
 	"github.com/meshless/meshless/pkg/tunnel"
 )
 
-// These tests wire two pods to a bridge by hand (no CNI: the conformance suite
-// covers that path) and run the agent, the data path and the capture rules
-// together in this process.
-
-func run(t *testing.T, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-}
-
-type testNode struct {
-	name     string
-	gateway4 netip.Addr
-	gateway6 netip.Addr
-}
-
-type testPod struct {
-	name  string
-	netns string
-	ips   []netip.Addr
-}
-
-func newNode(t *testing.T) *testNode {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces")
-	}
-	suffix := make([]byte, 3)
-	rand.Read(suffix)
-	n := &testNode{
-		name:     "mlagt-" + hex.EncodeToString(suffix),
-		gateway4: netip.MustParseAddr("10.77.0.1"),
-		gateway6: netip.MustParseAddr("fd77::1"),
-	}
-	run(t, "ip", "netns", "add", n.name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.name).Run() })
-	run(t, "ip", "-n", n.name, "link", "add", "br0", "type", "bridge")
-	run(t, "ip", "-n", n.name, "addr", "add", "10.77.0.1/24", "dev", "br0")
-	run(t, "ip", "-n", n.name, "addr", "add", "fd77::1/64", "dev", "br0", "nodad")
-	run(t, "ip", "-n", n.name, "link", "set", "br0", "up")
-	run(t, "ip", "-n", n.name, "link", "set", "lo", "up")
-	return n
-}
-
-func (n *testNode) addPod(t *testing.T, index int) *testPod {
-	t.Helper()
-	p := &testPod{
-		name: fmt.Sprintf("%s-p%d", n.name, index),
-		ips: []netip.Addr{
-			netip.MustParseAddr(fmt.Sprintf("10.77.0.%d", 10+index)),
-			netip.MustParseAddr(fmt.Sprintf("fd77::%d", 10+index)),
-		},
-	}
-	p.netns = "/var/run/netns/" + p.name
-	host := fmt.Sprintf("veth%d", index)
-	run(t, "ip", "netns", "add", p.name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", p.name).Run() })
-	run(t, "ip", "-n", n.name, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", p.name)
-	run(t, "ip", "-n", n.name, "link", "set", host, "master", "br0", "up")
-	run(t, "ip", "-n", p.name, "link", "set", "lo", "up")
-	run(t, "ip", "-n", p.name, "addr", "add", p.ips[0].String()+"/24", "dev", "eth0")
-	run(t, "ip", "-n", p.name, "addr", "add", p.ips[1].String()+"/64", "dev", "eth0", "nodad")
-	run(t, "ip", "-n", p.name, "link", "set", "eth0", "up")
-	run(t, "ip", "-n", p.name, "route", "add", "default", "via", n.gateway4.String())
-	run(t, "ip", "-n", p.name, "-6", "route", "add", "default", "via", n.gateway6.String())
-	err := capture.Apply(p.netns, capture.Config{
-		Backend: capture.NFT,
-		PodIPs:  p.ips,
-		NodeIPs: []netip.Addr{n.gateway4, n.gateway6},
-	})
-	if err != nil {
-		t.Fatalf("capture: %v", err)
-	}
-	return p
-}
+// These tests wire pods to a bridge by hand (internal/podnet; the conformance
+// suite covers the CNI path) and run the agent, the data path and the capture
+// rules together in this process.
 
 // logBuffer collects the agent's JSON log lines for assertions.
 type logBuffer struct {
@@ -153,7 +77,7 @@ func newAgent(t *testing.T, mode tunnel.Mode, stateDir, caDir string) *fixture {
 	configs := meshtls.NewConfigs(src, tlsconfig.AuthorizeMemberOf(td))
 	proxy, err := tunnel.New(tunnel.Config{
 		TLS:  configs,
-		Mesh: []netip.Prefix{netip.MustParsePrefix("10.77.0.0/16"), netip.MustParsePrefix("fd77::/64")},
+		Mesh: podnet.Mesh,
 		Mode: mode,
 		Log:  log,
 	})
@@ -185,72 +109,19 @@ func (f *fixture) close() {
 	f.stop()
 }
 
-func (f *fixture) enroll(t *testing.T, p *testPod, name string) {
+func (f *fixture) enroll(t *testing.T, p *podnet.Pod, name string) {
 	t.Helper()
 	_, err := f.agent.Enroll(context.Background(), enroll.Pod{
-		ContainerID: "c-" + strings.ReplaceAll(p.name, "mlagt-", ""),
+		ContainerID: "c-" + strings.ReplaceAll(p.Name, "mlagt-", ""),
 		IfName:      "eth0",
-		Netns:       p.netns,
+		Netns:       p.Netns,
 		Namespace:   "shop",
 		Name:        name,
-		IPs:         p.ips,
+		IPs:         p.IPs,
 	})
 	if err != nil {
 		t.Fatalf("enroll %s: %v", name, err)
 	}
-}
-
-// echoServer listens in the pod's netns on port and answers each connection
-// with "from <remote addr>\n" followed by whatever the client sends.
-func echoServer(t *testing.T, p *testPod, port int) {
-	t.Helper()
-	var lns []net.Listener
-	err := ns.WithNetNSPath(p.netns, func(ns.NetNS) error {
-		for _, addr := range []string{"0.0.0.0", "::"} {
-			network := "tcp4"
-			if addr == "::" {
-				network = "tcp6"
-			}
-			ln, err := net.Listen(network, net.JoinHostPort(addr, fmt.Sprint(port)))
-			if err != nil {
-				return err
-			}
-			lns = append(lns, ln)
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ln := range lns {
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-					fmt.Fprintf(c, "from %s\n", host)
-					io.Copy(c, c)
-				}()
-			}
-		}()
-	}
-}
-
-// dialFrom connects from inside the pod's netns, as the pod's app would.
-func dialFrom(t *testing.T, p *testPod, dst netip.AddrPort) (net.Conn, error) {
-	t.Helper()
-	var c net.Conn
-	err := ns.WithNetNSPath(p.netns, func(ns.NetNS) error {
-		var err error
-		c, err = net.DialTimeout("tcp", dst.String(), 5*time.Second)
-		return err
-	})
-	return c, err
 }
 
 func exchange(t *testing.T, c net.Conn, msg string) (greeting, echo string) {
@@ -273,8 +144,8 @@ func exchange(t *testing.T, c net.Conn, msg string) (greeting, echo string) {
 }
 
 func TestPodsTalkOverMTLS(t *testing.T) {
-	node := newNode(t)
-	client, server := node.addPod(t, 1), node.addPod(t, 2)
+	node := podnet.NewNode(t, "mlagt-")
+	client, server := node.AddPod(t, 1), node.AddPod(t, 2)
 	caDir := t.TempDir()
 	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
 		t.Fatal(err)
@@ -282,17 +153,17 @@ func TestPodsTalkOverMTLS(t *testing.T) {
 	f := newAgent(t, tunnel.Strict, t.TempDir(), caDir)
 	f.enroll(t, client, "client")
 	f.enroll(t, server, "server")
-	echoServer(t, server, 8080)
+	podnet.EchoServer(t, server, 8080)
 
 	for _, i := range []int{0, 1} {
-		dst := netip.AddrPortFrom(server.ips[i], 8080)
-		c, err := dialFrom(t, client, dst)
+		dst := netip.AddrPortFrom(server.IPs[i], 8080)
+		c, err := podnet.Dial(client, dst)
 		if err != nil {
 			t.Fatalf("dial %s: %v", dst, err)
 		}
 		greeting, echo := exchange(t, c, "marker-"+dst.String())
 		c.Close()
-		if want := "from " + client.ips[i].String(); greeting != want {
+		if want := "from " + client.IPs[i].String(); greeting != want {
 			t.Errorf("server saw %q, want %q (source address must be preserved)", greeting, want)
 		}
 		if echo != "marker-"+dst.String() {
@@ -320,23 +191,23 @@ func TestPodsTalkOverMTLS(t *testing.T) {
 }
 
 func TestStrictRefusesPlaintextAndPermissiveForwards(t *testing.T) {
-	node := newNode(t)
-	outsider, server := node.addPod(t, 1), node.addPod(t, 2)
+	node := podnet.NewNode(t, "mlagt-")
+	outsider, server := node.AddPod(t, 1), node.AddPod(t, 2)
 	caDir := t.TempDir()
 	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	// The outsider has capture rules but is not enrolled: remove them so it
 	// behaves like a pod outside the mesh.
-	if err := capture.Remove(outsider.netns, capture.Config{Backend: capture.NFT, PodIPs: outsider.ips}); err != nil {
+	if err := capture.Remove(outsider.Netns, capture.Config{Backend: capture.NFT, PodIPs: outsider.IPs}); err != nil {
 		t.Fatal(err)
 	}
-	echoServer(t, server, 8080)
-	dst := netip.AddrPortFrom(server.ips[0], 8080)
+	podnet.EchoServer(t, server, 8080)
+	dst := netip.AddrPortFrom(server.IPs[0], 8080)
 
 	strict := newAgent(t, tunnel.Strict, t.TempDir(), caDir)
 	strict.enroll(t, server, "server")
-	c, err := dialFrom(t, outsider, dst)
+	c, err := podnet.Dial(outsider, dst)
 	if err == nil {
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		_, err = io.ReadAll(c)
@@ -349,7 +220,7 @@ func TestStrictRefusesPlaintextAndPermissiveForwards(t *testing.T) {
 
 	permissive := newAgent(t, tunnel.Permissive, t.TempDir(), caDir)
 	permissive.enroll(t, server, "server")
-	c, err = dialFrom(t, outsider, dst)
+	c, err = podnet.Dial(outsider, dst)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,27 +230,27 @@ func TestStrictRefusesPlaintextAndPermissiveForwards(t *testing.T) {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	got, err := io.ReadAll(c)
 	c.Close()
-	if err != nil || string(got) != "from "+outsider.ips[0].String()+"\nplain" {
+	if err != nil || string(got) != "from "+outsider.IPs[0].String()+"\nplain" {
 		t.Fatalf("permissive: got %q, %v", got, err)
 	}
 }
 
 func TestRestartReattachesAndFailsClosedMeanwhile(t *testing.T) {
-	node := newNode(t)
-	client, server := node.addPod(t, 1), node.addPod(t, 2)
+	node := podnet.NewNode(t, "mlagt-")
+	client, server := node.AddPod(t, 1), node.AddPod(t, 2)
 	caDir, stateDir := t.TempDir(), t.TempDir()
 	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	echoServer(t, server, 8080)
-	dst := netip.AddrPortFrom(server.ips[0], 8080)
+	podnet.EchoServer(t, server, 8080)
+	dst := netip.AddrPortFrom(server.IPs[0], 8080)
 
 	first := newAgent(t, tunnel.Strict, stateDir, caDir)
 	first.enroll(t, client, "client")
 	first.enroll(t, server, "server")
 	first.close()
 
-	if c, err := dialFrom(t, client, dst); err == nil {
+	if c, err := podnet.Dial(client, dst); err == nil {
 		c.Close()
 		t.Fatal("connection accepted while the daemon was down")
 	}
@@ -388,13 +259,13 @@ func TestRestartReattachesAndFailsClosedMeanwhile(t *testing.T) {
 	if n := second.agent.Restore(); n != 2 {
 		t.Fatalf("re-attached %d pods, want 2", n)
 	}
-	c, err := dialFrom(t, client, dst)
+	c, err := podnet.Dial(client, dst)
 	if err != nil {
 		t.Fatalf("after restart: %v", err)
 	}
 	greeting, echo := exchange(t, c, "again")
 	c.Close()
-	if greeting != "from "+client.ips[0].String() || echo != "again" {
+	if greeting != "from "+client.IPs[0].String() || echo != "again" {
 		t.Fatalf("after restart: %q %q", greeting, echo)
 	}
 }
@@ -414,20 +285,20 @@ func waitFor(t *testing.T, cond func() bool) {
 // daemon is exiting during an upgrade) keeps the pod pending and attaches it
 // as soon as the port is free.
 func TestRestoreRetriesBusyPod(t *testing.T) {
-	node := newNode(t)
-	client, server := node.addPod(t, 1), node.addPod(t, 2)
+	node := podnet.NewNode(t, "mlagt-")
+	client, server := node.AddPod(t, 1), node.AddPod(t, 2)
 	caDir, stateDir := t.TempDir(), t.TempDir()
 	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	echoServer(t, server, 8080)
+	podnet.EchoServer(t, server, 8080)
 	first := newAgent(t, tunnel.Strict, stateDir, caDir)
 	first.enroll(t, client, "client")
 	first.enroll(t, server, "server")
 	first.close()
 
 	var busy net.Listener
-	err := ns.WithNetNSPath(client.netns, func(ns.NetNS) error {
+	err := ns.WithNetNSPath(client.Netns, func(ns.NetNS) error {
 		var err error
 		busy, err = net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", capture.OutboundPort))
 		return err
@@ -445,7 +316,7 @@ func TestRestoreRetriesBusyPod(t *testing.T) {
 	go second.agent.Reconcile(ctx, 50*time.Millisecond)
 	waitFor(t, func() bool { return second.agent.Status(ctx).Pods == 2 })
 
-	c, err := dialFrom(t, client, netip.AddrPortFrom(server.ips[0], 8080))
+	c, err := podnet.Dial(client, netip.AddrPortFrom(server.IPs[0], 8080))
 	if err != nil {
 		t.Fatal(err)
 	}
