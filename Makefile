@@ -18,13 +18,28 @@ export MESHLESS_KUBERNETES_BIN ?= $(or $(MESHLESS_CACHE),/var/cache/meshless)/ku
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all build test conformance demo lint deps spire-binaries kube-binaries clean clean-netns
+.PHONY: all build image manifests test conformance demo lint deps spire-binaries kube-binaries clean clean-netns
 
 all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/meshless-cni ./plugin
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/meshlessd ./daemon
+
+# The meshless/meshlessd:dev image without Docker: a docker-archive tarball of the static binaries
+# (the Dockerfile's `static` target), for `ctr -n k8s.io images import` on local clusters.
+IMAGE_TAG ?= meshless/meshlessd:dev
+image: build
+	$(GO) run ./hack/image -out $(BIN)/meshless-image.tar -tag $(IMAGE_TAG) \
+		-entrypoint /usr/local/bin/meshlessd \
+		-file $(BIN)/meshlessd=/usr/local/bin/meshlessd -file $(BIN)/meshless-cni=/usr/local/bin/meshless-cni
+
+# Offline validation of install/: kubectl kustomize renders it (when kubectl is installed), and
+# install's Go test decodes every object strictly into its k8s.io/api type and checks the DaemonSet.
+manifests:
+	@if command -v kubectl >/dev/null; then kubectl kustomize install/ >/dev/null && echo "kubectl kustomize install/: ok"; \
+	else echo "kubectl not found: install/ is checked by its Go test only"; fi
+	$(GO) test -count=1 ./install ./hack/image
 
 # The README's test command: lint, unit tests, then the conformance suite with its report.
 test: deps spire-binaries kube-binaries lint
@@ -60,7 +75,7 @@ kube-binaries:
 	scripts/k8s-binaries.sh $(KUBERNETES_VERSION) kube-apiserver >/dev/null
 
 clean:
-	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report
+	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report $(BIN)/meshless-image.tar
 
 # After an interrupted run (a killed `go test` cannot clean up): remove leftover namespaces.
 clean-netns:

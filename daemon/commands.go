@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -12,20 +13,56 @@ import (
 	meshtls "github.com/meshless/meshless/pkg/tls"
 )
 
+// The Secret `meshlessd ca init --kubernetes-secret` prints: install/daemonset.yaml mounts it as
+// the daemon's --ca-dir.
+const (
+	caSecretName      = "meshless-ca"
+	caSecretNamespace = "meshless-system"
+)
+
 func caInitCmd(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("ca init", flag.ContinueOnError)
 	dir := fs.String("dir", "", "directory to write ca.crt and ca.key into (created 0700 if missing)")
+	secret := fs.Bool("kubernetes-secret", false, "instead of writing files, print a v1 Secret "+
+		caSecretName+" (namespace "+caSecretNamespace+") holding ca.crt and ca.key, for kubectl apply -f -")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if *secret {
+		if *dir != "" {
+			return fmt.Errorf("--dir and --kubernetes-secret exclude each other")
+		}
+		certPEM, keyPEM, err := meshtls.NewCAPEM(time.Now())
+		if err != nil {
+			return err
+		}
+		_, err = io.WriteString(stdout, caSecretManifest(certPEM, keyPEM))
+		return err
+	}
 	if *dir == "" {
-		return fmt.Errorf("--dir is required")
+		return fmt.Errorf("--dir or --kubernetes-secret is required")
 	}
 	if err := meshtls.InitCA(*dir, time.Now()); err != nil {
 		return err
 	}
 	fmt.Fprintf(stdout, "wrote %s/ca.crt and %s/ca.key\n", *dir, *dir)
 	return nil
+}
+
+// caSecretManifest is the YAML of the CA Secret. Base64 needs no YAML quoting, so the manifest is
+// written directly.
+func caSecretManifest(certPEM, keyPEM []byte) string {
+	return "apiVersion: v1\n" +
+		"kind: Secret\n" +
+		"metadata:\n" +
+		"  name: " + caSecretName + "\n" +
+		"  namespace: " + caSecretNamespace + "\n" +
+		"  labels:\n" +
+		"    app.kubernetes.io/name: meshless\n" +
+		"type: Opaque\n" +
+		"data:\n" +
+		"  " + meshtls.CACertFile + ": " + base64.StdEncoding.EncodeToString(certPEM) + "\n" +
+		"  " + meshtls.CAKeyFile + ": " + base64.StdEncoding.EncodeToString(keyPEM) + "\n"
 }
 
 func statusCmd(args []string, stdout io.Writer) error {

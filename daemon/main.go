@@ -39,7 +39,7 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 		err = runCmd(args[1:], stdout)
 	case "ca":
 		if len(args) < 2 || args[1] != "init" {
-			fmt.Fprint(stderr, "usage: meshlessd ca init --dir DIR\n")
+			fmt.Fprint(stderr, "usage: meshlessd ca init --dir DIR | --kubernetes-secret\n")
 			return 2
 		}
 		err = caInitCmd(args[2:], stdout)

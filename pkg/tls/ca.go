@@ -70,13 +70,35 @@ func InitCA(dir string, now time.Time) error {
 		}
 	}
 
+	certPEM, keyPEM, err := NewCAPEM(now)
+	if err != nil {
+		return err
+	}
+
+	// The key goes first: a crash in between leaves a key without a certificate, which LoadCA
+	// reports, never a certificate whose key is lost.
+	keyPath := filepath.Join(dir, CAKeyFile)
+	if err := writeNewFile(keyPath, keyPEM, 0o600); err != nil {
+		return fmt.Errorf("init CA: %w", err)
+	}
+	if err := writeNewFile(filepath.Join(dir, CACertFile), certPEM, 0o644); err != nil {
+		// Only reached when our own key file was just put in place, so removing it is safe.
+		os.Remove(keyPath)
+		return fmt.Errorf("init CA: %w", err)
+	}
+	return syncDir(dir)
+}
+
+// NewCAPEM creates a new self-signed ECDSA P-256 CA in memory and returns its certificate and its
+// key (PKCS#8) as PEM, the contents InitCA writes to ca.crt and ca.key.
+func NewCAPEM(now time.Time) (certPEM, keyPEM []byte, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return fmt.Errorf("init CA: generate key: %w", err)
+		return nil, nil, fmt.Errorf("init CA: generate key: %w", err)
 	}
 	serial, err := randomSerial()
 	if err != nil {
-		return fmt.Errorf("init CA: %w", err)
+		return nil, nil, fmt.Errorf("init CA: %w", err)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
@@ -89,25 +111,15 @@ func InitCA(dir string, now time.Time) error {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
-		return fmt.Errorf("init CA: create certificate: %w", err)
+		return nil, nil, fmt.Errorf("init CA: create certificate: %w", err)
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		return fmt.Errorf("init CA: encode key: %w", err)
+		return nil, nil, fmt.Errorf("init CA: encode key: %w", err)
 	}
 
-	// The key goes first: a crash in between leaves a key without a certificate, which LoadCA
-	// reports, never a certificate whose key is lost.
-	keyPath := filepath.Join(dir, CAKeyFile)
-	if err := writeNewFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		return fmt.Errorf("init CA: %w", err)
-	}
-	if err := writeNewFile(filepath.Join(dir, CACertFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		// Only reached when our own key file was just put in place, so removing it is safe.
-		os.Remove(keyPath)
-		return fmt.Errorf("init CA: %w", err)
-	}
-	return syncDir(dir)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), nil
 }
 
 // writeNewFile writes data to path atomically and without replacing an existing file: a temporary

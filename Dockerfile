@@ -1,0 +1,32 @@
+# meshless/meshlessd: meshlessd and meshless-cni, static (CGO_ENABLED=0), in /usr/local/bin.
+#
+#   docker build -t meshless/meshlessd:dev .                  # default: Debian slim + iptables
+#   docker build --target static -t meshless/meshlessd:dev .  # FROM scratch, = `make image`
+#
+# Why iptables is in the default image: the CNI plugin applies the pods' capture rules on the host
+# (the runtime execs meshless-cni from the host's CNI bin dir, so it uses the host's iptables), but
+# meshlessd itself, at start, detects the node's iptables backend by running
+# iptables-legacy-save / iptables-nft-save (pkg/capture LoadOrDetectBackend) and records the result
+# in --state-dir (/var/lib/meshless/iptables-backend, a hostPath). The `static` image has no
+# iptables: with it, that record must already exist on the node (write `legacy` or `nft` into
+# /var/lib/meshless/iptables-backend), otherwise meshlessd exits with "no usable iptables backend".
+
+FROM golang:1.26 AS build
+WORKDIR /src
+COPY go.mod go.sum ./
+RUN go mod download
+COPY . .
+RUN CGO_ENABLED=0 go build -trimpath -o /out/meshlessd ./daemon && \
+    CGO_ENABLED=0 go build -trimpath -o /out/meshless-cni ./plugin
+
+# The same image `make image` writes as bin/meshless-image.tar without Docker.
+FROM scratch AS static
+COPY --from=build /out/meshlessd /out/meshless-cni /usr/local/bin/
+ENTRYPOINT ["/usr/local/bin/meshlessd"]
+
+FROM debian:bookworm-slim
+RUN apt-get update && \
+    apt-get install -y --no-install-recommends iptables && \
+    rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/meshlessd /out/meshless-cni /usr/local/bin/
+ENTRYPOINT ["/usr/local/bin/meshlessd"]
