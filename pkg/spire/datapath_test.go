@@ -3,24 +3,20 @@ package spire
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
+	"github.com/meshless/meshless/internal/podnet"
 	"github.com/meshless/meshless/pkg/agent"
 	"github.com/meshless/meshless/pkg/capture"
 	"github.com/meshless/meshless/pkg/enroll"
@@ -29,78 +25,7 @@ import (
 )
 
 // These tests run the daemon's core (pkg/agent, pkg/tunnel) with SPIRE as its identity source and
-// pods in network namespaces on a bridge, wired by hand as pkg/agent's tests do.
-
-func run(t *testing.T, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-}
-
-// node is a network namespace holding the bridge the pods hang off.
-type node struct {
-	name string
-}
-
-type pod struct {
-	name  string
-	netns string
-	ip    netip.Addr
-}
-
-var (
-	gateway  = netip.MustParseAddr("10.78.0.1")
-	meshCIDR = netip.MustParsePrefix("10.78.0.0/24")
-)
-
-func newNode(t *testing.T) *node {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces")
-	}
-	n := &node{name: "mlsn-" + randHex(3)}
-	run(t, "ip", "netns", "add", n.name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.name).Run() })
-	run(t, "ip", "-n", n.name, "link", "add", "br0", "type", "bridge")
-	run(t, "ip", "-n", n.name, "addr", "add", gateway.String()+"/24", "dev", "br0")
-	run(t, "ip", "-n", n.name, "link", "set", "br0", "up")
-	run(t, "ip", "-n", n.name, "link", "set", "lo", "up")
-	return n
-}
-
-func (n *node) addPod(t *testing.T, index int) *pod {
-	t.Helper()
-	p := &pod{
-		name: fmt.Sprintf("mlsp-%s-%d", strings.TrimPrefix(n.name, "mlsn-"), index),
-		ip:   netip.MustParseAddr(fmt.Sprintf("10.78.0.%d", 10+index)),
-	}
-	p.netns = "/var/run/netns/" + p.name
-	host := fmt.Sprintf("veth%d", index)
-	run(t, "ip", "netns", "add", p.name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", p.name).Run() })
-	run(t, "ip", "-n", n.name, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", p.name)
-	run(t, "ip", "-n", n.name, "link", "set", host, "master", "br0", "up")
-	run(t, "ip", "-n", p.name, "link", "set", "lo", "up")
-	run(t, "ip", "-n", p.name, "addr", "add", p.ip.String()+"/24", "dev", "eth0")
-	run(t, "ip", "-n", p.name, "link", "set", "eth0", "up")
-	run(t, "ip", "-n", p.name, "route", "add", "default", "via", gateway.String())
-	err := capture.Apply(p.netns, capture.Config{
-		Backend: capture.NFT,
-		PodIPs:  []netip.Addr{p.ip},
-		NodeIPs: []netip.Addr{gateway},
-	})
-	if err != nil {
-		t.Fatalf("capture: %v", err)
-	}
-	return p
-}
-
-func randHex(n int) string {
-	b := make([]byte, n)
-	rand.Read(b)
-	return hex.EncodeToString(b)
-}
+// pods in network namespaces on a bridge (internal/podnet), as pkg/agent's tests do.
 
 // daemon is the node daemon's core with the SPIRE source.
 type daemon struct {
@@ -116,7 +41,7 @@ func newDaemon(t *testing.T, env *spireEnv, accounts meshtls.Workloads) *daemon 
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	src := newSource(t, env, logs)
 	configs := meshtls.NewConfigs(src, tlsconfig.AuthorizeMemberOf(testTD))
-	proxy, err := tunnel.New(tunnel.Config{TLS: configs, Mesh: []netip.Prefix{meshCIDR}, Mode: tunnel.Strict, Log: log})
+	proxy, err := tunnel.New(tunnel.Config{TLS: configs, Mesh: podnet.Mesh, Mode: tunnel.Strict, Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,46 +65,17 @@ func newDaemon(t *testing.T, env *spireEnv, accounts meshtls.Workloads) *daemon 
 	return &daemon{src: src, configs: configs, agent: a, logs: logs}
 }
 
-func (d *daemon) enroll(p *pod, name string) error {
+func (d *daemon) enroll(p *podnet.Pod, name string) error {
 	_, err := d.agent.Enroll(context.Background(), enroll.Pod{
-		ContainerID: "c-" + p.name,
+		ContainerID: "c-" + p.Name,
 		IfName:      "eth0",
-		Netns:       p.netns,
+		Netns:       p.Netns,
 		Namespace:   "shop",
 		Name:        name,
-		UID:         "uid-" + p.name,
-		IPs:         []netip.Addr{p.ip},
+		UID:         "uid-" + p.Name,
+		IPs:         p.IPs,
 	})
 	return err
-}
-
-// echoServer answers each connection in the pod's netns with "from <remote addr>\n", then echoes.
-func echoServer(t *testing.T, p *pod, port int) {
-	t.Helper()
-	var ln net.Listener
-	err := ns.WithNetNSPath(p.netns, func(ns.NetNS) error {
-		var err error
-		ln, err = net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", port))
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-				fmt.Fprintf(c, "from %s\n", host)
-				io.Copy(c, c)
-			}()
-		}
-	}()
 }
 
 // conn is a client connection from inside a pod, as the pod's app would open it.
@@ -188,14 +84,9 @@ type conn struct {
 	r *bufio.Reader
 }
 
-func dial(t *testing.T, from, to *pod) (*conn, error) {
+func dial(t *testing.T, from, to *podnet.Pod) (*conn, error) {
 	t.Helper()
-	var c net.Conn
-	err := ns.WithNetNSPath(from.netns, func(ns.NetNS) error {
-		var err error
-		c, err = net.DialTimeout("tcp", netip.AddrPortFrom(to.ip, 8080).String(), 5*time.Second)
-		return err
-	})
+	c, err := podnet.Dial(from, netip.AddrPortFrom(to.IPs[0], 8080))
 	if err != nil {
 		return nil, err
 	}
@@ -206,7 +97,7 @@ func dial(t *testing.T, from, to *pod) (*conn, error) {
 		c.Close()
 		return nil, fmt.Errorf("greeting: %w", err)
 	}
-	if want := "from " + from.ip.String() + "\n"; greeting != want {
+	if want := "from " + from.IPs[0].String() + "\n"; greeting != want {
 		c.Close()
 		return nil, fmt.Errorf("greeting %q, want %q", greeting, want)
 	}
@@ -230,7 +121,7 @@ func (c *conn) roundTrip(msg string) error {
 }
 
 // talk opens a connection, does one round trip and closes it.
-func talk(t *testing.T, from, to *pod, msg string) error {
+func talk(t *testing.T, from, to *podnet.Pod, msg string) error {
 	t.Helper()
 	c, err := dial(t, from, to)
 	if err != nil {
@@ -289,18 +180,18 @@ var accounts = meshtls.Workloads{"shop/client": "buyer", "shop/server": "seller"
 // Two pods talk over mTLS with SVIDs that SPIRE issues, and keep talking while SPIRE rotates them:
 // a connection opened before the rotation carries on, new handshakes present the new SVIDs.
 func TestPodsTalkOverMTLSAcrossSPIRERotation(t *testing.T) {
-	n := newNode(t)
-	client, server := n.addPod(t, 1), n.addPod(t, 2)
+	n := podnet.NewNode(t, "mlsn-")
+	client, server := n.AddPod(t, 1), n.AddPod(t, 2)
 	// 20s SVIDs (30s with SPIRE's 10s backdating): the agent renews them at about half-life.
 	const ttl = 20 * time.Second
 	env := startSPIRE(t, entry{"shop", "buyer", ttl}, entry{"shop", "seller", ttl})
 	d := newDaemon(t, env, accounts)
-	for name, p := range map[string]*pod{"client": client, "server": server} {
+	for name, p := range map[string]*podnet.Pod{"client": client, "server": server} {
 		if err := d.enroll(p, name); err != nil {
 			t.Fatalf("enroll %s: %v", name, err)
 		}
 	}
-	echoServer(t, server, 8080)
+	podnet.EchoServer(t, server, 8080)
 
 	before := serial(t, d.src, seller.id())
 	beforeClient := serial(t, d.src, buyer.id())
@@ -350,16 +241,16 @@ func TestPodsTalkOverMTLSAcrossSPIRERotation(t *testing.T) {
 // When the SPIRE agent goes away, enrolled pods keep their SVIDs until they expire, a new pod's
 // enrollment fails with the reason, and all comes back when the agent does.
 func TestSPIREAgentAwayAndBack(t *testing.T) {
-	n := newNode(t)
-	client, server, late := n.addPod(t, 1), n.addPod(t, 2), n.addPod(t, 3)
+	n := podnet.NewNode(t, "mlsn-")
+	client, server, late := n.AddPod(t, 1), n.AddPod(t, 2), n.AddPod(t, 3)
 	env := startSPIRE(t, buyer, seller, entry{namespace: "shop", serviceAccount: "late"})
 	d := newDaemon(t, env, accounts)
-	for name, p := range map[string]*pod{"client": client, "server": server} {
+	for name, p := range map[string]*podnet.Pod{"client": client, "server": server} {
 		if err := d.enroll(p, name); err != nil {
 			t.Fatalf("enroll %s: %v", name, err)
 		}
 	}
-	echoServer(t, server, 8080)
+	podnet.EchoServer(t, server, 8080)
 	if err := talk(t, client, server, "agent up"); err != nil {
 		t.Fatal(err)
 	}
@@ -381,7 +272,7 @@ func TestSPIREAgentAwayAndBack(t *testing.T) {
 		t.Fatal("a new pod enrolled while the SPIRE agent was away")
 	}
 	if msg := err.Error(); !strings.Contains(msg, "spiffe://cluster.local/ns/shop/sa/late") ||
-		!strings.Contains(msg, "SPIRE agent is unavailable") || !strings.Contains(msg, "connection refused") {
+		!strings.Contains(msg, "SPIRE agent unavailable") || !strings.Contains(msg, "code = Unavailable") {
 		t.Errorf("enrollment error does not say why: %v", err)
 	}
 	t.Logf("enrollment while the agent is away: %v", err)

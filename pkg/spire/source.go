@@ -73,14 +73,14 @@ type Source struct {
 	log    *slog.Logger
 	conn   *grpc.ClientConn
 	client delegatedidentityv1.DelegatedIdentityClient
-	// now is the clock SVID expiry is judged by.
-	now func() time.Time
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu        sync.Mutex
+	mu sync.Mutex
+	// now is the clock SVID expiry is judged by; read under mu, so that tests can move it.
+	now       func() time.Time
 	subs      map[spiffeid.ID]*subscription
 	bundles   map[spiffeid.TrustDomain]*x509bundle.Bundle
 	bundleRaw map[spiffeid.TrustDomain][]byte
@@ -208,6 +208,7 @@ func (s *Source) waitUsable(sub *subscription) error {
 	for {
 		s.mu.Lock()
 		reason := s.unusableLocked(sub)
+		held := sub.svid != nil
 		agentAway := s.agentAway
 		bundleErr := s.bundleErr
 		changed := s.changed
@@ -215,8 +216,10 @@ func (s *Source) waitUsable(sub *subscription) error {
 		switch {
 		case reason == nil:
 			return nil
+		case agentAway && !held:
+			return fmt.Errorf("SPIRE agent unavailable: %w", bundleErr)
 		case agentAway:
-			return fmt.Errorf("no usable SVID (%w) and the SPIRE agent is unavailable: %w", reason, bundleErr)
+			return fmt.Errorf("%w; SPIRE agent unavailable: %w", reason, bundleErr)
 		}
 		select {
 		case <-changed:
