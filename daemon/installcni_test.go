@@ -49,7 +49,7 @@ func newCNIHost(t *testing.T, sample string) cniHost {
 		t.Fatal(err)
 	}
 	if sample != "" {
-		b, err := os.ReadFile(filepath.Join("/work/shared/testdata/conflists", sample))
+		b, err := os.ReadFile(filepath.Join("../pkg/cniconf/testdata/conflists", sample))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -138,7 +138,7 @@ func TestInstallCNIWatch(t *testing.T) {
 	go func() { done <- installCNI(ctx, h.args("--watch", "--interval", "10ms"), logs) }()
 
 	conflist := filepath.Join(h.conf, "10-calico.conflist")
-	orig, _ := os.ReadFile("/work/shared/testdata/conflists/10-calico.conflist")
+	orig, _ := os.ReadFile("../pkg/cniconf/testdata/conflists/10-calico.conflist")
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
 		deadline := time.Now().Add(5 * time.Second)

@@ -149,12 +149,12 @@ func TestNoPrevResult(t *testing.T) {
 // TestRealConflists chains meshless-cni after each real CNI configuration and parses the
 // configuration libcni would hand it, in that network's version.
 func TestRealConflists(t *testing.T) {
-	files, err := filepath.Glob("../../shared/testdata/conflists/*.conf*")
+	files, err := filepath.Glob("../pkg/cniconf/testdata/conflists/*.conf*")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(files) == 0 {
-		t.Skip("no test conflists in ../../shared/testdata/conflists")
+		t.Fatal("no test conflists in ../pkg/cniconf/testdata/conflists")
 	}
 	for _, f := range files {
 		t.Run(filepath.Base(f), func(t *testing.T) {

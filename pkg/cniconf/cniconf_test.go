@@ -16,7 +16,8 @@ import (
 	"github.com/containernetworking/cni/libcni"
 )
 
-const testdata = "/work/shared/testdata/conflists"
+// testdata holds the configurations real primary CNIs write (see its README.md).
+const testdata = "testdata/conflists"
 
 var testEntry = Entry{
 	"socketPath":          "/var/run/meshless/cni.sock",
