@@ -19,35 +19,17 @@ import (
 // moment the pod is enrolled nothing it sends escapes the daemon; if enrollment fails they are
 // taken out again, so that a failed ADD leaves no pod half wired behind.
 func cmdAdd(args *skel.CmdArgs) error {
-	conf, err := parseConfig(args.StdinData)
+	ctx := context.Background()
+	at, err := prepare(ctx, args)
 	if err != nil {
 		return err
 	}
-	log := conf.logger("ADD")
-	prev, err := conf.prevResult()
-	if err != nil {
-		return err
-	}
-	pod, id, err := podFromArgs(args, prev)
-	if err != nil {
-		return err
-	}
-	log = log.With("namespace", pod.Namespace, "pod", pod.Name, "container", pod.ContainerID, "netns", pod.Netns)
+	conf, pod, id, client, cc := at.conf, at.pod, at.id, at.client, at.capture
+	log := conf.logger("ADD").With("namespace", pod.Namespace, "pod", pod.Name, "container", pod.ContainerID, "netns", pod.Netns)
 	if id.Fallback {
 		log.Warn("CNI_ARGS has no K8S_POD_NAMESPACE/K8S_POD_NAME (not run by Kubernetes?); enrolling the pod under a name made from its container ID")
 	}
-
-	ctx := context.Background()
-	client := enroll.NewClient(conf.SocketPath)
-	backend, err := readyBackend(ctx, client)
-	if err != nil {
-		return err
-	}
-	cc, err := captureConfig(conf, backend, pod.IPs)
-	if err != nil {
-		return err
-	}
-	log.Debug("installing capture rules", "backend", backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
+	log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
 	if err := capture.Apply(pod.Netns, cc); err != nil {
 		return types.NewError(types.ErrInternal, err.Error(), "")
 	}
@@ -88,28 +70,12 @@ func cmdDel(args *skel.CmdArgs) error {
 // cmdCheck verifies that the capture rules are complete and that the daemon serves the pod
 // with the addresses prevResult gives it.
 func cmdCheck(args *skel.CmdArgs) error {
-	conf, err := parseConfig(args.StdinData)
-	if err != nil {
-		return err
-	}
-	prev, err := conf.prevResult()
-	if err != nil {
-		return err
-	}
-	pod, _, err := podFromArgs(args, prev)
-	if err != nil {
-		return err
-	}
 	ctx := context.Background()
-	client := enroll.NewClient(conf.SocketPath)
-	backend, err := readyBackend(ctx, client)
+	at, err := prepare(ctx, args)
 	if err != nil {
 		return err
 	}
-	cc, err := captureConfig(conf, backend, pod.IPs)
-	if err != nil {
-		return err
-	}
+	conf, pod, client, cc := at.conf, at.pod, at.client, at.capture
 	if err := capture.Check(pod.Netns, cc); err != nil {
 		return types.NewError(types.ErrInternal,
 			fmt.Sprintf("capture rules missing in netns %s: %v; re-create the pod", pod.Netns, err), "")
@@ -176,6 +142,43 @@ func cmdStatus(args *skel.CmdArgs) error {
 }
 
 // podFromArgs assembles the pod the runtime is wiring and validates it before anything is touched.
+// attachment is what ADD and CHECK both start from: the pod as prevResult and CNI_ARGS describe
+// it, the daemon serving the node, and the capture the pod must have.
+type attachment struct {
+	conf    *Config
+	pod     enroll.Pod
+	id      podIdentity
+	client  *enroll.Client
+	capture capture.Config
+}
+
+// prepare parses the configuration and the pod, asks the daemon whether it is ready and which
+// iptables backend the node uses, and builds the pod's capture configuration.
+func prepare(ctx context.Context, args *skel.CmdArgs) (*attachment, error) {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return nil, err
+	}
+	prev, err := conf.prevResult()
+	if err != nil {
+		return nil, err
+	}
+	pod, id, err := podFromArgs(args, prev)
+	if err != nil {
+		return nil, err
+	}
+	client := enroll.NewClient(conf.SocketPath)
+	backend, err := readyBackend(ctx, client)
+	if err != nil {
+		return nil, err
+	}
+	cc, err := captureConfig(conf, backend, pod.IPs)
+	if err != nil {
+		return nil, err
+	}
+	return &attachment{conf: conf, pod: pod, id: id, client: client, capture: cc}, nil
+}
+
 func podFromArgs(args *skel.CmdArgs, prev *current.Result) (enroll.Pod, podIdentity, error) {
 	ips, err := podIPs(prev)
 	if err != nil {
