@@ -79,17 +79,23 @@ func (t familyTools) handle() (*iptables.IPTables, error) {
 	return ipt, nil
 }
 
+// prepare validates c and returns it normalized, with the programs of each family it implies.
+func prepare(c Config) (Config, []familyTools, error) {
+	if err := c.Validate(); err != nil {
+		return c, nil, fmt.Errorf("capture config: %w", err)
+	}
+	c = c.normalized()
+	tools, err := resolveTools(c.Backend, c.families())
+	return c, tools, err
+}
+
 // Apply installs the ruleset and the policy routing in the netns at nsPath. The chains of each
 // family are written in one iptables-restore --noflush transaction together with whichever jumps
 // are missing, so a pod is never half captured and applying twice leaves exactly one copy of
 // everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
 // the CNI calls of one pod).
 func Apply(nsPath string, c Config) error {
-	if err := c.Validate(); err != nil {
-		return fmt.Errorf("capture config: %w", err)
-	}
-	c = c.normalized()
-	tools, err := resolveTools(c.Backend, c.families())
+	c, tools, err := prepare(c)
 	if err != nil {
 		return err
 	}
@@ -157,11 +163,7 @@ func jumpExists(ipt *iptables.IPTables, ch chain) (bool, error) {
 // complete: each chain holds exactly its rules, each is entered by exactly one jump, and the
 // policy rule and route exist. It reports every problem it finds.
 func Check(nsPath string, c Config) error {
-	if err := c.Validate(); err != nil {
-		return fmt.Errorf("capture config: %w", err)
-	}
-	c = c.normalized()
-	tools, err := resolveTools(c.Backend, c.families())
+	c, tools, err := prepare(c)
 	if err != nil {
 		return err
 	}
