@@ -42,6 +42,7 @@ type runFlags struct {
 	svidTTL      time.Duration
 	excludedNS   []string
 	healthEvery  time.Duration
+	adopt        adoptFlags
 	tls          tlsFlags
 	kube         kubeFlags
 	identity     identityFlags
@@ -87,6 +88,7 @@ func parseRunFlags(args []string) (*runFlags, error) {
 	fs.DurationVar(&f.svidTTL, "svid-ttl", 24*time.Hour, "lifetime of minted SVIDs; they are renewed at half-life")
 	excluded := fs.String("excluded-namespaces", "kube-system", "comma-separated namespaces whose pods are never enrolled")
 	fs.DurationVar(&f.healthEvery, "health-interval", time.Minute, "how often to log the one-line health summary (0: never)")
+	f.adopt.register(fs)
 	f.tls.register(fs)
 	f.kube.register(fs)
 	f.identity.register(fs)
@@ -107,6 +109,9 @@ func parseRunFlags(args []string) (*runFlags, error) {
 		if err := enroll.ValidateNamespace(ns); err != nil {
 			return nil, fmt.Errorf("--excluded-namespaces: %w", err)
 		}
+	}
+	if err := f.adopt.validate(); err != nil {
+		return nil, err
 	}
 	if f.healthEvery < 0 {
 		return nil, fmt.Errorf("--health-interval %s: must not be negative", f.healthEvery)
@@ -240,6 +245,9 @@ func runCmd(args []string, stdout io.Writer) error {
 
 	restored := ag.Restore()
 	go ag.Reconcile(ctx, 5*time.Second)
+	if kv.pods != nil && f.adopt.interval > 0 {
+		go adoptRunning(ctx, f, ag, kv.pods, log)
+	}
 
 	sl, err := enroll.Listen(f.socket)
 	if err != nil {

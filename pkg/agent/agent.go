@@ -154,6 +154,13 @@ func (a *Agent) enroll(rec record) (enroll.Enrollment, error) {
 		}
 		a.detachLocked(old, "re-enrolled with a new network namespace, new addresses or a new decision")
 	}
+	// One network namespace is one pod: an enrollment of it under another container ID (a
+	// sandbox the daemon adopted, now seen by the runtime's own CNI ADD) replaces the old one.
+	for _, other := range a.pods {
+		if other.rec.Netns == rec.Netns {
+			a.detachLocked(other, "its network namespace was enrolled again as container "+p.ContainerID)
+		}
+	}
 	pd := &pod{rec: rec}
 	if rec.Enrollment.Skipped == "" {
 		var err error
@@ -431,4 +438,21 @@ func (a *Agent) Identities() []spiffeid.ID {
 		}
 	}
 	return ids
+}
+
+// Known reports whether a pod with this Kubernetes UID is enrolled or skipped here.
+func (a *Agent) Known(uid string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, pd := range a.pods {
+		if pd.rec.Enrollment.Pod.UID == uid {
+			return true
+		}
+	}
+	for _, rec := range a.pending {
+		if rec.Enrollment.Pod.UID == uid {
+			return true
+		}
+	}
+	return false
 }

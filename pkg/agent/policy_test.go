@@ -52,10 +52,11 @@ func withPolicy(f *fixture, dir Directory, excluded ...string) *reports {
 	return r
 }
 
-// Skipped pods need no data path: the host's own netns stands in for theirs.
+// Skipped pods need no data path: the test's own netns stands in for theirs. Since one netns is
+// one pod, each enrollment replaces the one before.
 func skippedPod(id, namespace, name string, annotations map[string]string) enroll.Pod {
 	return enroll.Pod{
-		ContainerID: id, IfName: "eth0", Netns: "/proc/self/ns/net", Namespace: namespace, Name: name,
+		ContainerID: id, IfName: "eth0", Netns: "/proc/self/ns/net", Namespace: namespace, Name: name, UID: "uid-" + id,
 		IPs: []netip.Addr{netip.MustParseAddr("10.244.9.9")}, Annotations: annotations,
 	}
 }
@@ -95,24 +96,31 @@ func TestPolicySkipsExcludedAndAnnotatedPods(t *testing.T) {
 			t.Errorf("%s: Get = (%+v, %v), want the skipped record", tc.pod.Name, got, err)
 		}
 	}
-	if st := f.agent.Status(ctx); st.Pods != 0 || st.Skipped != len(cases) {
-		t.Errorf("status counts %d served and %d skipped, want 0 and %d", st.Pods, st.Skipped, len(cases))
+	last := cases[len(cases)-1].pod.ContainerID
+	if st := f.agent.Status(ctx); st.Pods != 0 || st.Skipped != 1 {
+		t.Errorf("status counts %d served and %d skipped, want 0 and 1 (each pod of the same netns replaces the one before)", st.Pods, st.Skipped)
+	}
+	if _, err := f.agent.Get(ctx, cases[0].pod.ContainerID); err == nil {
+		t.Error("an enrollment of a netns that was enrolled again under another container ID is still known")
 	}
 	if n := len(f.logs.records("pod skipped")); n != len(cases) {
 		t.Errorf("%d 'pod skipped' log lines, want %d", n, len(cases))
 	}
 
-	// A restarted daemon keeps the decisions, and DEL forgets a skipped pod like any other.
+	// A restarted daemon keeps the decision, and DEL forgets a skipped pod like any other.
 	f.close()
 	again := newAgent(t, tunnel.Strict, stateDir, caDir)
 	again.agent.Restore()
-	if st := again.agent.Status(ctx); st.Skipped != len(cases) {
-		t.Errorf("after restart: %d skipped pods, want %d", st.Skipped, len(cases))
+	if e, err := again.agent.Get(ctx, last); err != nil || e.Skipped == "" {
+		t.Errorf("after restart: Get = (%+v, %v), want the skipped record", e, err)
 	}
-	if err := again.agent.Remove(ctx, "c1"); err != nil {
+	if !again.agent.Known(cases[len(cases)-1].pod.UID) {
+		t.Error("after restart: the skipped pod's UID is not known")
+	}
+	if err := again.agent.Remove(ctx, last); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := again.agent.Get(ctx, "c1"); err == nil {
+	if _, err := again.agent.Get(ctx, last); err == nil {
 		t.Error("a removed skipped pod is still known")
 	}
 }
