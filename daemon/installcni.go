@@ -19,6 +19,7 @@ import (
 
 	"github.com/meshless/meshless/pkg/cniconf"
 	"github.com/meshless/meshless/pkg/enroll"
+	"github.com/meshless/meshless/pkg/kube"
 )
 
 // installCNICmd is `meshlessd install-cni`: the DaemonSet's install step (and, with --watch,
@@ -35,6 +36,7 @@ type installCNIFlags struct {
 	interval                time.Duration
 	logLevel                string
 	entry                   cniconf.Entry
+	onStop                  uninstallFlags
 }
 
 func parseInstallCNIFlags(args []string) (*installCNIFlags, error) {
@@ -47,6 +49,7 @@ func parseInstallCNIFlags(args []string) (*installCNIFlags, error) {
 	fs.BoolVar(&f.uninstall, "uninstall", false, "remove our conflist entry and our binary, then exit")
 	fs.DurationVar(&f.interval, "interval", cniconf.DefaultInterval, "with --watch: how often to look at the conf dir")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.onStop.register(fs, "with --watch: remove our conflist entry and our binary on the way out")
 	socket := fs.String("socket", enroll.DefaultSocket, "plugin config socketPath: the daemon's enrollment socket")
 	inPorts := fs.String("exclude-inbound-ports", "", "plugin config excludeInboundPorts: comma-separated ports")
 	outPorts := fs.String("exclude-outbound-ports", "", "plugin config excludeOutboundPorts: comma-separated ports")
@@ -57,6 +60,9 @@ func parseInstallCNIFlags(args []string) (*installCNIFlags, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if err := f.onStop.validate(); err != nil {
+		return nil, err
 	}
 	if f.binDir == "" || f.confDir == "" {
 		return nil, errors.New("--cni-bin-dir and --cni-conf-dir must not be empty")
@@ -138,19 +144,7 @@ func installCNI(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	if f.uninstall {
-		res, err := cniconf.Uninstall(f.confDir)
-		if err != nil {
-			return err
-		}
-		log.Info("cni conf", "action", res.Action, "file", res.File, "from", res.From)
-		bin := filepath.Join(f.binDir, cniconf.PluginType)
-		switch err := os.Remove(bin); {
-		case err == nil:
-			log.Info("cni plugin binary removed", "path", bin)
-		case !errors.Is(err, os.ErrNotExist):
-			return err
-		}
-		return nil
+		return uninstallCNI(f, log)
 	}
 
 	dst, copied, err := installPluginBinary(f.plugin, f.binDir)
@@ -178,11 +172,39 @@ func installCNI(ctx context.Context, args []string, stdout io.Writer) error {
 			log.Info("cni conf", "action", res.Action, "file", res.File, "from", res.From)
 		}
 	})
-	if errors.Is(err, context.Canceled) {
-		log.Info("stopped watching the CNI conf dir")
-		return nil
+	if !errors.Is(err, context.Canceled) {
+		return err
 	}
-	return err
+	log.Info("stopped watching the CNI conf dir")
+	if f.onStop.onDelete {
+		client, err := kube.NewClient("")
+		if err != nil {
+			log.Warn("cannot tell whether meshless is being removed; leaving the chain in place", "reason", err)
+			return nil
+		}
+		if f.onStop.removal(client, log) {
+			log.Info("meshless is being removed: unchaining meshless-cni")
+			return uninstallCNI(f, log)
+		}
+	}
+	return nil
+}
+
+// uninstallCNI removes our conflist entry and our binary.
+func uninstallCNI(f *installCNIFlags, log *slog.Logger) error {
+	res, err := cniconf.Uninstall(f.confDir)
+	if err != nil {
+		return err
+	}
+	log.Info("cni conf", "action", res.Action, "file", res.File, "from", res.From)
+	bin := filepath.Join(f.binDir, cniconf.PluginType)
+	switch err := os.Remove(bin); {
+	case err == nil:
+		log.Info("cni plugin binary removed", "path", bin)
+	case !errors.Is(err, os.ErrNotExist):
+		return err
+	}
+	return nil
 }
 
 // installPluginBinary copies src into binDir as meshless-cni, atomically (temp + rename) and
