@@ -140,6 +140,7 @@ func (a *Agent) Enroll(ctx context.Context, p enroll.Pod) (enroll.Enrollment, er
 		return enroll.Enrollment{}, err
 	}
 	a.report(e)
+	e.Backend = string(a.cfg.Backend)
 	return e, nil
 }
 
@@ -275,7 +276,9 @@ func (a *Agent) Get(_ context.Context, containerID string) (enroll.Enrollment, e
 	if !ok {
 		return enroll.Enrollment{}, fmt.Errorf("container %s: %w", containerID, enroll.ErrNotFound)
 	}
-	return pd.rec.Enrollment, nil
+	e := pd.rec.Enrollment
+	e.Backend = string(a.cfg.Backend)
+	return e, nil
 }
 
 // GC forgets every pod that the runtime no longer lists.
