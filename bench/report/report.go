@@ -266,8 +266,11 @@ func (t Target) describe() string {
 }
 
 func verdict(t TargetResult) string {
-	if t.Met {
+	switch {
+	case t.Met:
 		return "met"
+	case math.IsNaN(t.Value):
+		return "not measured"
 	}
 	return "MISSED"
 }
@@ -285,21 +288,32 @@ func (r *Report) WriteText(w io.Writer) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\n", name, row.Variant, num(row.Median), ratio(row.VsBaseline), ratio(row.VsBestRef), row.Runs)
 		}
 	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
 	if len(r.Figures) > 0 {
-		fmt.Fprintln(tw, "\t\t\t\t\t")
-		fmt.Fprintln(tw, "meshless alone\tvalue\t\t\t\t")
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "meshless alone\tvalue")
 		for _, f := range r.Figures {
-			fmt.Fprintf(tw, "%s\t%s %s\t\t\t\t\n", f.Name, num(f.Value), f.Unit)
+			fmt.Fprintf(tw, "%s\t%s %s\n", f.Name, num(f.Value), f.Unit)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
 		}
 	}
 	if ts := r.TargetResults(); len(ts) > 0 {
-		fmt.Fprintln(tw, "\t\t\t\t\t")
-		fmt.Fprintln(tw, "issue 6 target\tvalue\ttarget\tverdict\t\t")
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "issue 6 target\tvalue\tgoal\tverdict")
 		for _, t := range ts {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t\n", t.Name, valueOf(t), t.describe(), verdict(t))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Name, valueOf(t), t.describe(), verdict(t))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
 		}
 	}
-	return tw.Flush()
+	return nil
 }
 
 func valueOf(t TargetResult) string {
