@@ -45,9 +45,9 @@ func parseFlags() options {
 	flag.StringVar(&o.out, "out", "results/bench", "directory for bench.json and bench.md")
 	flag.StringVar(&o.hey, "hey", "", "path of hey (default: scripts/bench-deps.sh's cache, else hey in PATH)")
 	flag.StringVar(&o.binDir, "bin", "", "directory for the binaries built (default: a temporary one)")
-	flag.BoolVar(&o.quick, "quick", false, "short runs (about 3 minutes): -duration 1s -rr 300 -pods 40 -conns 300 unless set")
+	flag.BoolVar(&o.quick, "quick", false, "short runs (about 2 minutes): -reps 3 -duration 1s -rr 300 unless set")
 	flag.BoolVar(&o.daemon, "daemon", true, "also measure meshless alone (daemon memory, CNI ADD time)")
-	flag.IntVar(&o.reps, "reps", 3, "repetitions of every workload on every variant (medians are taken over them)")
+	flag.IntVar(&o.reps, "reps", 5, "repetitions of every workload on every variant (medians are taken over them)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each iperf3, wrk and hey run")
 	flag.IntVar(&o.rrCount, "rr", 2000, "round trips measured per request/response run")
 	flag.IntVar(&o.rrWarmup, "rr-warmup", 200, "round trips before measuring, per request/response run")
@@ -63,10 +63,9 @@ func parseFlags() options {
 		set := map[string]bool{}
 		flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		quick := map[string]func(){
+			"reps":     func() { o.reps = 3 },
 			"duration": func() { o.duration = time.Second },
 			"rr":       func() { o.rrCount = 300 },
-			"pods":     func() { o.pods = 40 },
-			"conns":    func() { o.conns = 300 },
 		}
 		for name, apply := range quick {
 			if !set[name] {
