@@ -3,11 +3,13 @@ package harness_test
 // A smoke test of the benchmark's harness, quick enough for CI: every variant carries 1 MiB
 // echoed byte for byte and one HTTP request, the wire between the pods is TLS for meshless and
 // the references (and clear for plaintext, which shows the capture sees the traffic), and each
-// workload runs once, briefly, with its output parsed. It asserts what arrived, never how fast.
+// workload runs once, briefly, with its output parsed, as does the measurement of meshless alone
+// (on a few pods and connections). It asserts what arrived, never how fast.
 
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -62,6 +64,18 @@ func TestSmoke(t *testing.T) {
 	for _, v := range b.Variants {
 		t.Run(v.Name+"/workloads", func(t *testing.T) { checkWorkloads(ctx, t, b, v) })
 	}
+	t.Run("meshless-alone", func(t *testing.T) {
+		d, err := harness.MeasureDaemon(ctx, b.Cluster, 2, 5, t.Logf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.RSSStartKiB <= 0 || d.RSSIdleKiB <= 0 || d.RSSConnsKiB <= 0 || d.Pods != 2 || d.Conns != 5 {
+			t.Errorf("daemon figures: %+v", d)
+		}
+		if len(d.AddMesh) != 2 || len(d.AddPlain) != 2 {
+			t.Errorf("CNI ADD times of %d mesh and %d plain pods, want 2 and 2", len(d.AddMesh), len(d.AddPlain))
+		}
+	})
 }
 
 // checkWire passes 1 MiB and one HTTP request through the variant while capturing the bridge.
@@ -113,7 +127,46 @@ func checkWire(ctx context.Context, t *testing.T, b *harness.Bench, v *harness.V
 		if st.Types[conformance.TLSApplicationData] == 0 {
 			t.Errorf("%s: no application data records (%+v)", f, st)
 		}
+		if f.Src.Addr() == server {
+			if v, err := serverHelloVersion(f.Data); err != nil || v != 0x0304 {
+				t.Errorf("%s: ServerHello does not select TLS 1.3: version %#04x, %v", f, v, err)
+			}
+		}
 	}
+}
+
+// serverHelloVersion returns the TLS version a server's first flight selects: the
+// supported_versions extension of its ServerHello (TLS 1.3), else the legacy version field.
+func serverHelloVersion(data []byte) (uint16, error) {
+	u16 := func(b []byte) uint16 { return uint16(b[0])<<8 | uint16(b[1]) }
+	// Record header (5), handshake header (4), legacy_version (2), random (32).
+	const fixed = 5 + 4 + 2 + 32
+	if len(data) < fixed+1 || data[0] != conformance.TLSHandshake || data[5] != 2 {
+		return 0, fmt.Errorf("the stream does not start with a ServerHello (% x)", data[:min(len(data), 8)])
+	}
+	legacy := u16(data[9:])
+	rest := data[fixed:]
+	sid := int(rest[0])
+	// session id, cipher suite (2), compression (1), extensions length (2).
+	if len(rest) < 1+sid+5 {
+		return 0, errors.New("short ServerHello")
+	}
+	ext := rest[1+sid+3:]
+	n := int(u16(ext))
+	if len(ext) < 2+n {
+		return 0, errors.New("ServerHello extensions run past the record")
+	}
+	for ext = ext[2 : 2+n]; len(ext) >= 4; {
+		typ, l := u16(ext), int(u16(ext[2:]))
+		if len(ext) < 4+l {
+			return 0, errors.New("truncated ServerHello extension")
+		}
+		if typ == 0x002b && l == 2 {
+			return u16(ext[4:]), nil
+		}
+		ext = ext[4+l:]
+	}
+	return legacy, nil
 }
 
 // httpGet fetches nginx's body through the variant, from inside its client pod.

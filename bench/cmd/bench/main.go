@@ -136,6 +136,7 @@ func run(ctx context.Context, env *conformance.CleanupStack, o options) (int, er
 	}
 	rep := newReport(o, tools)
 	rep.Started = time.Now()
+	startLoad := loadavg()
 	runWorkloads(ctx, b, rep, o)
 	if ctx.Err() != nil {
 		return 0, ctx.Err()
@@ -151,7 +152,7 @@ func run(ctx context.Context, env *conformance.CleanupStack, o options) (int, er
 		}
 	}
 	rep.Finished = time.Now()
-	rep.Notes = append(rep.Notes, machineNotes()...)
+	rep.Notes = append(rep.Notes, machineNotes(startLoad)...)
 	if err := writeReport(rep, o.out); err != nil {
 		return 0, err
 	}

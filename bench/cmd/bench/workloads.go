@@ -256,9 +256,10 @@ func addDaemonFigures(rep *report.Report, d harness.DaemonResult) {
 	}
 }
 
-// machineNotes describes the machine: timings are only comparable within one run.
-func machineNotes() []string {
-	notes := []string{fmt.Sprintf("%d CPUs; load average at the end: %s", runtime.NumCPU(), loadavg())}
+// machineNotes describes the machine, with the load averages (1, 5, 15 minutes) when the
+// measurements started and ended: other work on the machine shows there.
+func machineNotes(startLoad string) []string {
+	notes := []string{fmt.Sprintf("%d CPUs; load average %s at the start, %s at the end", runtime.NumCPU(), startLoad, loadavg())}
 	if out, err := exec.Command("uname", "-sr").Output(); err == nil {
 		notes = append(notes, "kernel "+strings.TrimSpace(string(out)))
 	}
