@@ -34,6 +34,7 @@ type Pod struct {
 type Proxy struct {
 	cfg   Config
 	stats Stats
+	host  *hostNetns
 }
 
 // Stats counts connections across every pod of the node.
@@ -49,7 +50,11 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	return &Proxy{cfg: cfg}, nil
+	host, err := openHostNetns()
+	if err != nil {
+		return nil, err
+	}
+	return &Proxy{cfg: cfg, host: host}, nil
 }
 
 // Stats returns the node-wide connection counters.
@@ -180,28 +185,12 @@ func (t *PodTunnel) serve(ln net.Listener, handle func(*net.TCPConn)) {
 	}
 }
 
-// dial connects from inside the pod's netns, with the daemon's mark so that
-// the pod's capture rules do not send the connection back to us.
+// dial connects from inside the pod's netns, from local if valid (see hostNetns.dialIn).
 func (t *PodTunnel) dial(ctx context.Context, local netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	network := "tcp4"
-	if !dst.Addr().Unmap().Is4() {
-		network = "tcp6"
-	}
-	d := net.Dialer{Control: markSocket}
-	if local.IsValid() {
-		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(local, 0))
-		d.Control = transparentSocket
-	}
-	var c net.Conn
-	err := t.netns.Do(func(ns.NetNS) error {
-		var err error
-		c, err = d.DialContext(ctx, network, dst.String())
-		return err
-	})
+	tc, err := t.proxy.host.dialIn(ctx, int(t.netns.Fd()), local, dst)
 	if err != nil {
 		return nil, err
 	}
-	tc := c.(*net.TCPConn)
 	if !t.track(tc) {
 		reset(tc)
 		return nil, errors.New("pod detached")
