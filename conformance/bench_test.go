@@ -5,7 +5,9 @@ package conformance_test
 //	go test -run '^$' -bench . -benchtime 3000x ./conformance/
 //
 // Each sub-benchmark builds one node with two pods, either both chained with meshless-cni
-// (mTLS between them) or both plain.
+// (mTLS between them) or both plain. MESHLESS_BENCH_DAEMON_ENV adds space-separated KEY=VALUE
+// pairs to meshlessd's environment (GOMAXPROCS=1, GODEBUG=..., to compare runtime settings), and
+// MESHLESS_BENCH_DAEMON_ARGS adds flags to `meshlessd run` (--pq=false).
 
 import (
 	"bufio"
@@ -13,6 +15,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"strings"
 	"testing"
 
 	"github.com/meshless/meshless/conformance"
@@ -31,7 +35,10 @@ func benchPods(b *testing.B, mesh bool) (client *conformance.Pod, target netip.A
 	if err != nil {
 		b.Fatal(err)
 	}
-	node, err := c.AddNode(ctx, conformance.NodeConfig{})
+	node, err := c.AddNode(ctx, conformance.NodeConfig{
+		DaemonEnv:  strings.Fields(os.Getenv("MESHLESS_BENCH_DAEMON_ENV")),
+		DaemonArgs: strings.Fields(os.Getenv("MESHLESS_BENCH_DAEMON_ARGS")),
+	})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -161,14 +162,25 @@ func hasIPv6(ips []netip.Addr) bool {
 
 func (t *PodTunnel) serve(ln net.Listener, handle func(*net.TCPConn)) {
 	defer t.wg.Done()
+	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				t.log.Error("accept failed; listener stops", "addr", ln.Addr().String(), "reason", err)
+			if errors.Is(err, net.ErrClosed) {
+				return
 			}
-			return
+			if !isResourceShortage(err) {
+				t.log.Error("accept failed; listener stops", "addr", ln.Addr().String(), "reason", err)
+				return
+			}
+			// Out of descriptors or memory: the connections waiting in the backlog get their
+			// turn once others have closed, as with net/http's servers.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			t.log.Warn("accept failed; retrying", "addr", ln.Addr().String(), "reason", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
 		}
+		backoff = 0
 		tc := c.(*net.TCPConn)
 		if !t.track(tc) {
 			reset(tc)
@@ -236,6 +248,12 @@ func (t *PodTunnel) Close() {
 func reset(c *net.TCPConn) {
 	_ = c.SetLinger(0)
 	c.Close()
+}
+
+// isResourceShortage tells apart the accept errors that pass when other connections close.
+func isResourceShortage(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 // isRefused tells a closed port (the peer answered with RST) apart from other

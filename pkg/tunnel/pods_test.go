@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -54,9 +55,11 @@ type acceptedConn struct {
 
 const (
 	pairServerPort = 8080
-	// pairEcho makes the server echo; pairPeer makes it answer with the client's address.
+	// pairEcho makes the server echo; pairPeer makes it answer with the client's address;
+	// pairSink makes it read and discard.
 	pairEcho = 'e'
 	pairPeer = 'p'
+	pairSink = 's'
 )
 
 var (
@@ -209,6 +212,8 @@ func (p *podPair) serve() {
 				io.Copy(io.Discard, c)
 			case pairPeer:
 				c.Write([]byte(peer.String() + "\n"))
+			case pairSink:
+				io.Copy(io.Discard, c)
 			}
 		}()
 	}
@@ -398,6 +403,27 @@ func BenchmarkPodsNewConnection(b *testing.B) {
 	reportCPU(b, start)
 }
 
+// BenchmarkPodsBulk streams 64 KiB writes from the client pod to the server pod through both
+// proxies.
+func BenchmarkPodsBulk(b *testing.B) {
+	p := newPodPair(b)
+	c := p.dial(b)
+	defer c.Close()
+	if _, err := c.Write([]byte{pairSink}); err != nil {
+		b.Fatal(err)
+	}
+	chunk := make([]byte, 64<<10)
+	b.SetBytes(int64(len(chunk)))
+	b.ReportAllocs()
+	start := cpuTime(b)
+	for b.Loop() {
+		if _, err := c.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	reportCPU(b, start)
+}
+
 // cpuTime returns the CPU time (user and system) the process has used so far. Reported per
 // operation it is the cost of the client, both proxies and the server together, which wall time
 // on a busy machine hides.
@@ -441,4 +467,42 @@ func TestDialInErrors(t *testing.T) {
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled dial: %v, want context.Canceled", err)
 	}
+}
+
+// BenchmarkPodsOpenConnection keeps b.N connections open and idle after one small exchange each,
+// and reports the memory they hold (heap and goroutine stacks, after a GC) per connection: both
+// proxies' share, with the test client's and server's ends of each connection included.
+func BenchmarkPodsOpenConnection(b *testing.B) {
+	p := newPodPair(b)
+	var conns []*net.TCPConn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	heap0, stack0 := inUse()
+	msg := make([]byte, 64)
+	for b.Loop() {
+		c := p.dial(b)
+		conns = append(conns, c)
+		if _, err := c.Write(append([]byte{pairEcho}, msg...)); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, msg); err != nil {
+			b.Fatal(err)
+		}
+	}
+	heap, stack := inUse()
+	b.ReportMetric(float64(heap-heap0)/float64(b.N), "heap-B/conn")
+	b.ReportMetric(float64(stack-stack0)/float64(b.N), "stack-B/conn")
+}
+
+// inUse returns the bytes of heap spans and goroutine stacks in use, after a collection (two:
+// the first one's finalizers free more).
+func inUse() (heap, stack int64) {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapInuse), int64(ms.StackInuse)
 }
