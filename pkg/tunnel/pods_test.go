@@ -392,15 +392,23 @@ func BenchmarkPodsRequestResponse(b *testing.B) {
 }
 
 // BenchmarkPodsNewConnection opens a connection per request through both proxies: a resumed
-// handshake, two dials inside pod namespaces and the connection log, in-process.
+// handshake, two dials inside pod namespaces and the connection log, in-process; with the default
+// hybrid post-quantum key exchange and with X25519 alone (--pq=false).
 func BenchmarkPodsNewConnection(b *testing.B) {
-	p := newPodPair(b)
-	b.ReportAllocs()
-	start := cpuTime(b)
-	for b.Loop() {
-		p.peerOf(b)
+	for _, v := range []struct {
+		name string
+		pq   bool
+	}{{"pq", true}, {"x25519", false}} {
+		b.Run(v.name, func(b *testing.B) {
+			p := newPodPair(b, meshtls.PostQuantum(v.pq))
+			b.ReportAllocs()
+			start := cpuTime(b)
+			for b.Loop() {
+				p.peerOf(b)
+			}
+			reportCPU(b, start)
+		})
 	}
-	reportCPU(b, start)
 }
 
 // BenchmarkPodsBulk streams 64 KiB writes from the client pod to the server pod through both
