@@ -514,3 +514,32 @@ func inUse() (heap, stack int64) {
 	runtime.ReadMemStats(&ms)
 	return int64(ms.HeapInuse), int64(ms.StackInuse)
 }
+
+// BenchmarkAttach attaches b.N pods (network namespaces without capture rules) and reports the
+// memory each one holds: its listeners, their goroutines and the namespace handle.
+func BenchmarkAttach(b *testing.B) {
+	needRoot(b)
+	configs := meshtls.NewConfigs(nil, nil)
+	proxy, err := New(Config{TLS: configs, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	pods := make([]*testPod, b.N)
+	for i := range pods {
+		pods[i] = newTestPod(b)
+	}
+	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/test/sa/default")
+	heap0, stack0 := inUse()
+	b.ResetTimer()
+	for _, pod := range pods {
+		pt, err := proxy.Attach(Pod{Namespace: "test", Name: pod.name, Netns: pod.path, IPs: []netip.Addr{pairClientIP}, ID: id})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(pt.Close)
+	}
+	b.StopTimer()
+	heap, stack := inUse()
+	b.ReportMetric(float64(heap-heap0)/float64(b.N), "heap-B/pod")
+	b.ReportMetric(float64(stack-stack0)/float64(b.N), "stack-B/pod")
+}
