@@ -479,7 +479,9 @@ func TestDialInErrors(t *testing.T) {
 
 // BenchmarkPodsOpenConnection keeps b.N connections open and idle after one small exchange each,
 // and reports the memory they hold (heap and goroutine stacks, after a GC) per connection: both
-// proxies' share, with the test client's and server's ends of each connection included.
+// proxies' share, with the test client's and server's ends of each connection included. Each
+// connection holds six descriptors in this one process: keep b.N well under RLIMIT_NOFILE / 6
+// (-benchtime 1000x).
 func BenchmarkPodsOpenConnection(b *testing.B) {
 	p := newPodPair(b)
 	var conns []*net.TCPConn
