@@ -5,7 +5,9 @@ package conformance_test
 //	go test -run '^$' -bench . -benchtime 3000x ./conformance/
 //
 // Each sub-benchmark builds one node with two pods, either both chained with meshless-cni
-// (mTLS between them) or both plain.
+// (mTLS between them) or both plain. MESHLESS_BENCH_DAEMON_ENV adds space-separated KEY=VALUE
+// pairs to meshlessd's environment (GOMAXPROCS=1, GODEBUG=..., to compare runtime settings), and
+// MESHLESS_BENCH_DAEMON_ARGS adds flags to `meshlessd run` (--pq=false).
 
 import (
 	"bufio"
@@ -13,7 +15,11 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/meshless/meshless/conformance"
 	"github.com/meshless/meshless/conformance/internal/testproto"
@@ -31,7 +37,10 @@ func benchPods(b *testing.B, mesh bool) (client *conformance.Pod, target netip.A
 	if err != nil {
 		b.Fatal(err)
 	}
-	node, err := c.AddNode(ctx, conformance.NodeConfig{})
+	node, err := c.AddNode(ctx, conformance.NodeConfig{
+		DaemonEnv:  strings.Fields(os.Getenv("MESHLESS_BENCH_DAEMON_ENV")),
+		DaemonArgs: strings.Fields(os.Getenv("MESHLESS_BENCH_DAEMON_ARGS")),
+	})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -79,15 +88,30 @@ func BenchmarkRequestResponse(b *testing.B) {
 			b.Fatal(err)
 		}
 		msg, buf := make([]byte, 64), make([]byte, 64)
+		var lat []time.Duration
 		for b.Loop() {
+			start := time.Now()
 			if _, err := conn.Write(msg); err != nil {
 				b.Fatal(err)
 			}
 			if _, err := io.ReadFull(conn, buf); err != nil {
 				b.Fatal(err)
 			}
+			lat = append(lat, time.Since(start))
 		}
+		reportPercentiles(b, lat)
 	})
+}
+
+// reportPercentiles adds the median and the 99th percentile of lat to the benchmark's line: on a
+// shared machine the mean follows the worst stalls, the median does not.
+func reportPercentiles(b *testing.B, lat []time.Duration) {
+	if len(lat) == 0 {
+		return
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
 }
 
 // BenchmarkNewConnection opens a connection per request, as a client without keep-alive does:
@@ -95,7 +119,9 @@ func BenchmarkRequestResponse(b *testing.B) {
 func BenchmarkNewConnection(b *testing.B) {
 	variants(b, func(b *testing.B, client *conformance.Pod, target netip.AddrPort) {
 		ctx := testCtx(b)
+		var lat []time.Duration
 		for b.Loop() {
+			start := time.Now()
 			conn, err := client.Dial(ctx, "tcp", target.String())
 			if err != nil {
 				b.Fatal(err)
@@ -107,6 +133,8 @@ func BenchmarkNewConnection(b *testing.B) {
 				b.Fatal(err)
 			}
 			conn.(*net.TCPConn).Close()
+			lat = append(lat, time.Since(start))
 		}
+		reportPercentiles(b, lat)
 	})
 }

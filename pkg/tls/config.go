@@ -23,10 +23,20 @@ type Configs struct {
 	// curves is every config's CurvePreferences; nil keeps Go's default, post-quantum first.
 	curves []tls.CurveID
 
+	// certs holds each identity's SVID in the form crypto/tls wants (spiffeid.ID to *certEntry),
+	// rebuilt only when the source hands out a new SVID.
+	certs sync.Map
+
 	mu      sync.Mutex
 	gen     *generation
 	clients map[spiffeid.ID]*tls.Config
 	servers map[spiffeid.ID]*tls.Config
+}
+
+// certEntry is the tls.Certificate made of one SVID.
+type certEntry struct {
+	svid *x509svid.SVID
+	cert *tls.Certificate
 }
 
 // generation is what the configs built between two Resets share.
@@ -34,6 +44,9 @@ type generation struct {
 	// retired is set by Reset to the bundles that were in force when the generation's configs
 	// were dropped; handshakes still running on them verify against it.
 	retired atomic.Pointer[retiredBundles]
+	// verified remembers the peer chains that verified, for the handshakes that present them
+	// again.
+	verified verifiedChains
 }
 
 type retiredBundles struct{ x509bundle.Source }
@@ -87,6 +100,9 @@ func (c *Configs) Client(id spiffeid.ID) *tls.Config {
 		MinVersion:       tls.VersionTLS13,
 		NextProtos:       []string{ALPN},
 		CurvePreferences: c.curves,
+		// The peer is another proxy that reads whole records: small first records (good for a
+		// browser's first paint) would only cost more records, writes and wake-ups.
+		DynamicRecordSizingDisabled: true,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return c.certificate(id)
 		},
@@ -114,6 +130,9 @@ func (c *Configs) Server(id spiffeid.ID) *tls.Config {
 		MinVersion:       tls.VersionTLS13,
 		NextProtos:       []string{ALPN},
 		CurvePreferences: c.curves,
+		// The peer is another proxy that reads whole records: small first records (good for a
+		// browser's first paint) would only cost more records, writes and wake-ups.
+		DynamicRecordSizingDisabled: true,
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return c.certificate(id)
 		},
@@ -129,6 +148,7 @@ func (c *Configs) Server(id spiffeid.ID) *tls.Config {
 // Forget drops the configs of id (its session cache and ticket keys with them), for when its
 // last pod is gone. Connections already using them are not affected.
 func (c *Configs) Forget(id spiffeid.ID) {
+	c.certs.Delete(id)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.clients, id)
@@ -153,16 +173,22 @@ func (c *Configs) Reset(previous x509bundle.Source) {
 }
 
 // certificate returns id's current SVID in the form crypto/tls wants; asked at every handshake so
-// that a rotated SVID is used without rebuilding the config.
+// that a rotated SVID is used without rebuilding the config. The source hands out the same
+// *x509svid.SVID until it rotates it, so the tls.Certificate is made once per SVID; crypto/tls
+// only reads it, and concurrent handshakes share it.
 func (c *Configs) certificate(id spiffeid.ID) (*tls.Certificate, error) {
 	svid, err := c.src.SVID(id)
 	if err != nil {
 		return nil, fmt.Errorf("local certificate: %w", err)
 	}
+	if e, ok := c.certs.Load(id); ok && e.(*certEntry).svid == svid {
+		return e.(*certEntry).cert, nil
+	}
 	cert := &tls.Certificate{PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}
 	for _, x := range svid.Certificates {
 		cert.Certificate = append(cert.Certificate, x.Raw)
 	}
+	c.certs.Store(id, &certEntry{svid: svid, cert: cert})
 	return cert, nil
 }
 
@@ -204,7 +230,7 @@ func (c *Configs) verifier(id spiffeid.ID, gen *generation) func(tls.ConnectionS
 		if r := gen.retired.Load(); r != nil {
 			bundles = r.Source
 		}
-		peer, chains, err := x509svid.Verify(cs.PeerCertificates, bundles, x509svid.WithTime(verifyTime(cs, time.Now())))
+		peer, chains, err := gen.verified.verify(cs.PeerCertificates, bundles, verifyTime(cs, time.Now()))
 		if err != nil {
 			return fmt.Errorf("peer certificate rejected: %w", err)
 		}

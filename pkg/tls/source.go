@@ -20,7 +20,9 @@ const DefaultSVIDTTL = 24 * time.Hour
 // stays in use meanwhile.
 const retryInterval = 30 * time.Second
 
-// Source hands out SVIDs and trust bundles; implemented by the built-in CA now, SPIRE later.
+// Source hands out SVIDs and trust bundles; implemented by the built-in CA now, SPIRE later. A
+// bundle that changes is replaced by a new *x509bundle.Bundle, never changed in place, and an SVID
+// likewise: Configs remembers verified peer chains per bundle and certificates per SVID.
 type Source interface {
 	x509bundle.Source
 	// SVID returns the current SVID of id.

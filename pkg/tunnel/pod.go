@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -34,6 +35,7 @@ type Pod struct {
 type Proxy struct {
 	cfg   Config
 	stats Stats
+	host  *hostNetns
 }
 
 // Stats counts connections across every pod of the node.
@@ -49,7 +51,11 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	return &Proxy{cfg: cfg}, nil
+	host, err := openHostNetns()
+	if err != nil {
+		return nil, err
+	}
+	return &Proxy{cfg: cfg, host: host}, nil
 }
 
 // Stats returns the node-wide connection counters.
@@ -156,14 +162,25 @@ func hasIPv6(ips []netip.Addr) bool {
 
 func (t *PodTunnel) serve(ln net.Listener, handle func(*net.TCPConn)) {
 	defer t.wg.Done()
+	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				t.log.Error("accept failed; listener stops", "addr", ln.Addr().String(), "reason", err)
+			if errors.Is(err, net.ErrClosed) {
+				return
 			}
-			return
+			if !isResourceShortage(err) {
+				t.log.Error("accept failed; listener stops", "addr", ln.Addr().String(), "reason", err)
+				return
+			}
+			// Out of descriptors or memory: the connections waiting in the backlog get their
+			// turn once others have closed, as with net/http's servers.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			t.log.Warn("accept failed; retrying", "addr", ln.Addr().String(), "reason", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
 		}
+		backoff = 0
 		tc := c.(*net.TCPConn)
 		if !t.track(tc) {
 			reset(tc)
@@ -180,28 +197,12 @@ func (t *PodTunnel) serve(ln net.Listener, handle func(*net.TCPConn)) {
 	}
 }
 
-// dial connects from inside the pod's netns, with the daemon's mark so that
-// the pod's capture rules do not send the connection back to us.
+// dial connects from inside the pod's netns, from local if valid (see hostNetns.dialIn).
 func (t *PodTunnel) dial(ctx context.Context, local netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	network := "tcp4"
-	if !dst.Addr().Unmap().Is4() {
-		network = "tcp6"
-	}
-	d := net.Dialer{Control: markSocket}
-	if local.IsValid() {
-		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(local, 0))
-		d.Control = transparentSocket
-	}
-	var c net.Conn
-	err := t.netns.Do(func(ns.NetNS) error {
-		var err error
-		c, err = d.DialContext(ctx, network, dst.String())
-		return err
-	})
+	tc, err := t.proxy.host.dialIn(ctx, int(t.netns.Fd()), local, dst)
 	if err != nil {
 		return nil, err
 	}
-	tc := c.(*net.TCPConn)
 	if !t.track(tc) {
 		reset(tc)
 		return nil, errors.New("pod detached")
@@ -247,6 +248,12 @@ func (t *PodTunnel) Close() {
 func reset(c *net.TCPConn) {
 	_ = c.SetLinger(0)
 	c.Close()
+}
+
+// isResourceShortage tells apart the accept errors that pass when other connections close.
+func isResourceShortage(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 // isRefused tells a closed port (the peer answered with RST) apart from other

@@ -14,11 +14,17 @@ type stream interface {
 	CloseWrite() error
 }
 
-// copyBufSize matches the largest TLS record (16 KiB) twice over, so a read
-// from the app usually fills whole records.
-const copyBufSize = 32 << 10
+// Each direction of a relay reads into a small buffer of its own, which is all that an idle or
+// interactive connection holds, and borrows a large pooled one while data streams. A read of at
+// least a TLS record's plaintext (crypto/tls returns at most one record per Read) counts as
+// streaming; the large buffer holds two, so that a read from the app fills two whole records.
+const (
+	smallBufSize = 2 << 10
+	tlsRecordMax = 16 << 10
+	largeBufSize = 2 * tlsRecordMax
+)
 
-var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+var largeBufs = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
 
 // relay copies client->server and server->client until both directions have
 // ended. A clean end of one direction is passed on as a half-close, so
@@ -73,9 +79,7 @@ func pipe(dst, src stream) (int64, error) {
 		// Plaintext both ways: let the kernel splice.
 		n, err = d.ReadFrom(src)
 	} else {
-		buf := copyBufs.Get().(*[]byte)
-		n, err = io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *buf)
-		copyBufs.Put(buf)
+		n, err = copyAdaptive(dst, src)
 	}
 	if err != nil {
 		return n, err
@@ -83,8 +87,48 @@ func pipe(dst, src stream) (int64, error) {
 	return n, dst.CloseWrite()
 }
 
-// readerOnly and writerOnly hide ReaderFrom/WriterTo so that io.CopyBuffer
-// uses our pooled buffer instead of allocating its own per connection.
-type readerOnly struct{ io.Reader }
-
-type writerOnly struct{ io.Writer }
+// copyAdaptive copies src to dst until src ends, through the small buffer while reads are small
+// and a pooled large one while they fill the small one. A read of less than a record gives the
+// large buffer back before the next read (which may wait for long), except right after it was
+// taken: the first read into it often just finishes a TLS record that the small buffer cut.
+func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
+	small := make([]byte, smallBufSize)
+	buf := small
+	var large *[]byte
+	fresh := false
+	defer func() {
+		if large != nil {
+			largeBufs.Put(large)
+		}
+	}()
+	var written int64
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			written += int64(nw)
+			if werr != nil {
+				return written, werr
+			}
+			if nw != nr {
+				return written, io.ErrShortWrite
+			}
+		}
+		if rerr == io.EOF {
+			return written, nil
+		}
+		if rerr != nil {
+			return written, rerr
+		}
+		switch {
+		case large == nil && nr == len(small):
+			large = largeBufs.Get().(*[]byte)
+			buf, fresh = *large, true
+		case large != nil && nr < tlsRecordMax && !fresh:
+			largeBufs.Put(large)
+			large, buf = nil, small
+		default:
+			fresh = false
+		}
+	}
+}

@@ -21,20 +21,6 @@ func markSocket(_, _ string, rc syscall.RawConn) error {
 	})
 }
 
-// transparentSocket marks a socket and lets it bind to a foreign address: the
-// inbound side connects to the app from the client pod's own IP.
-func transparentSocket(network, address string, rc syscall.RawConn) error {
-	if err := markSocket(network, address, rc); err != nil {
-		return err
-	}
-	return control(rc, func(fd int) error {
-		if network == "tcp6" {
-			return unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
-		}
-		return unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-	})
-}
-
 func control(rc syscall.RawConn, f func(fd int) error) error {
 	var opErr error
 	if err := rc.Control(func(fd uintptr) { opErr = f(int(fd)) }); err != nil {
