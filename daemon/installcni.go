@@ -133,19 +133,7 @@ func installCNI(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	if f.uninstall {
-		res, err := cniconf.Uninstall(f.confDir)
-		if err != nil {
-			return err
-		}
-		log.Info("cni conf", "action", res.Action, "file", res.File, "from", res.From)
-		bin := filepath.Join(f.binDir, cniconf.PluginType)
-		switch err := os.Remove(bin); {
-		case err == nil:
-			log.Info("cni plugin binary removed", "path", bin)
-		case !errors.Is(err, os.ErrNotExist):
-			return err
-		}
-		return nil
+		return uninstallCNI(log, f.confDir, f.binDir)
 	}
 
 	dst, copied, err := installPluginBinary(f.plugin, f.binDir)
@@ -173,11 +161,31 @@ func installCNI(ctx context.Context, args []string, stdout io.Writer) error {
 			log.Info("cni conf", "action", res.Action, "file", res.File, "from", res.From)
 		}
 	})
-	if errors.Is(err, context.Canceled) {
-		log.Info("stopped watching the CNI conf dir")
-		return nil
+	if !errors.Is(err, context.Canceled) {
+		return err
 	}
-	return err
+	// SIGTERM: the DaemonSet's pod is going away (kubectl delete, or a rolling update whose new
+	// pod installs again). A chain left behind would make every new pod's CNI ADD fail against a
+	// daemon that is gone, so the node goes back to its primary CNI alone.
+	log.Info("stopped watching the CNI conf dir; uninstalling")
+	return uninstallCNI(log, f.confDir, f.binDir)
+}
+
+// uninstallCNI removes our entry from the primary conflist and our binary from binDir.
+func uninstallCNI(log *slog.Logger, confDir, binDir string) error {
+	res, err := cniconf.Uninstall(confDir)
+	if err != nil {
+		return err
+	}
+	log.Info("cni conf", "action", res.Action, "file", res.File, "from", res.From)
+	bin := filepath.Join(binDir, cniconf.PluginType)
+	switch err := os.Remove(bin); {
+	case err == nil:
+		log.Info("cni plugin binary removed", "path", bin)
+	case !errors.Is(err, os.ErrNotExist):
+		return err
+	}
+	return nil
 }
 
 // installPluginBinary copies src into binDir as meshless-cni, atomically (temp + rename) and
