@@ -27,12 +27,19 @@ build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/meshlessd ./daemon
 
 # The meshless/meshlessd:dev image without Docker: a docker-archive tarball of the static binaries
-# (the Dockerfile's `static` target), for `ctr -n k8s.io images import` on local clusters.
+# plus this machine's iptables (meshlessd runs iptables-*-save and iptables-*-restore in its
+# container), for `ctr -n k8s.io images import` on local clusters. hack/image copies iptables
+# with its links, shared libraries and extensions; without iptables on this machine the image
+# holds the static binaries only (the Dockerfile's `static` target).
 IMAGE_TAG ?= meshless/meshlessd:dev
+IMAGE_IPTABLES := $(filter-out %-apply,$(wildcard /usr/sbin/iptables* /usr/sbin/ip6tables* \
+	/usr/sbin/xtables-nft-multi /usr/sbin/xtables-legacy-multi /usr/lib/*/xtables))
 image: build
+	$(if $(IMAGE_IPTABLES),,@echo "image: iptables not found on this machine; the image has no iptables")
 	$(GO) run ./hack/image -out $(BIN)/meshless-image.tar -tag $(IMAGE_TAG) \
 		-entrypoint /usr/local/bin/meshlessd \
-		-file $(BIN)/meshlessd=/usr/local/bin/meshlessd -file $(BIN)/meshless-cni=/usr/local/bin/meshless-cni
+		-file $(BIN)/meshlessd=/usr/local/bin/meshlessd -file $(BIN)/meshless-cni=/usr/local/bin/meshless-cni \
+		$(addprefix -host ,$(IMAGE_IPTABLES))
 
 # Offline validation of install/: kubectl kustomize renders it (when kubectl is installed), and
 # install's Go test decodes every object strictly into its k8s.io/api type and checks the DaemonSet.
