@@ -18,7 +18,7 @@ export MESHLESS_KUBERNETES_BIN ?= $(or $(MESHLESS_CACHE),/var/cache/meshless)/ku
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all build image manifests test conformance demo lint deps spire-binaries kube-binaries clean clean-netns
+.PHONY: all build image manifests test conformance e2e-k8s e2e-k8s-deps demo lint deps spire-binaries kube-binaries clean clean-netns
 
 all: build
 
@@ -62,6 +62,29 @@ $(GO) build -o $(BIN)/conformance-report ./conformance/cmd/report
 $(GOTEST) -json ./conformance/ | $(BIN)/conformance-report -out $(RESULTS)
 endef
 
+# meshless on a real one-node Kubernetes on this machine, offline: containerd, etcd, the control
+# plane, kubelet and kube-proxy (built once per version, like kube-apiserver) in a network
+# namespace of their own, `kubectl apply -k install/`, workloads, and the checks of issue 5
+# (see e2e/k8s). It moves /etc/cni/net.d, /opt/cni/bin and meshlessd's host dirs aside while it
+# runs and restores them after, also after a crash (on the next run).
+E2E_IMAGES := $(BIN)/e2e-pause.tar $(BIN)/e2e-workload.tar
+e2e-k8s: e2e-k8s-deps image
+	scripts/k8s-binaries.sh $(KUBERNETES_VERSION) kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy >/dev/null
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/e2e-pause ./e2e/k8s/pause
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/meshless-testapp ./conformance/cmd/meshless-testapp
+	$(GO) run ./hack/image -out $(BIN)/e2e-pause.tar -tag meshless-e2e/pause:dev -entrypoint /pause \
+		-file $(BIN)/e2e-pause=/pause
+	$(GO) run ./hack/image -out $(BIN)/e2e-workload.tar -tag meshless-e2e/workload:dev \
+		-file /bin/busybox=/bin/busybox -file $(BIN)/meshless-testapp=/usr/local/bin/meshless-testapp
+	$(GO) build -o $(BIN)/e2e-k8s ./e2e/k8s
+	$(BIN)/e2e-k8s -kubernetes-bin $(MESHLESS_KUBERNETES_BIN) -meshless-image $(BIN)/meshless-image.tar \
+		-pause-image $(BIN)/e2e-pause.tar -workload-image $(BIN)/e2e-workload.tar -repo .
+
+# The system packages of e2e-k8s, besides deps': a container runtime, the reference CNI plugins
+# (the primary CNI) and a static busybox for the workload image.
+e2e-k8s-deps:
+	scripts/deps.sh containerd runc containernetworking-plugins busybox-static
+
 demo: deps
 	$(GO) run ./conformance/cmd/demo
 
@@ -82,7 +105,8 @@ kube-binaries:
 	scripts/k8s-binaries.sh $(KUBERNETES_VERSION) kube-apiserver >/dev/null
 
 clean:
-	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report $(BIN)/meshless-image.tar
+	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report $(BIN)/meshless-image.tar \
+		$(BIN)/e2e-k8s $(BIN)/e2e-pause $(BIN)/meshless-testapp $(E2E_IMAGES)
 
 # After an interrupted run (a killed `go test` cannot clean up): remove leftover namespaces.
 clean-netns:
