@@ -133,7 +133,8 @@ func TestKubernetesServiceAccounts(t *testing.T) {
 	}
 }
 
-// daemonKubeconfig gives meshlessd its user (allowed to read pods, nothing else) and returns its
+// daemonKubeconfig gives meshlessd its user (allowed what install/rbac.yaml allows on pods: read
+// them and patch their status annotation) and returns its
 // kubeconfig. meshlessd runs in the node's network namespace, which cannot reach the API server on
 // the test host's loopback: the API server is reached as on a control-plane host of the underlay,
 // through a relay that listens on an external host and forwards to the real API server.
@@ -141,7 +142,7 @@ func daemonKubeconfig(t *testing.T, ctx context.Context, api *kubeapi.Server, c 
 	t.Helper()
 	role := &rbacv1.ClusterRole{
 		ObjectMeta: metav1.ObjectMeta{Name: "meshlessd"},
-		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}}},
+		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch", "patch"}}},
 	}
 	if _, err := api.Client.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

@@ -29,6 +29,9 @@ const (
 	// NetworkName is the name of the pod network in both conflists: sharing it means sharing
 	// host-local's allocations, so mesh and plain pods never get the same address.
 	NetworkName = "k8s-pod-network"
+	// PodAnnotationsCapability is the CNI capability through which containerd passes a pod's
+	// annotations to the plugins that declare it.
+	PodAnnotationsCapability = "io.kubernetes.cri.pod-annotations"
 )
 
 // NodeConfig describes one simulated node; zero fields take the cluster's defaults.
@@ -218,7 +221,9 @@ func (n *Node) ConfList(mesh bool, extra map[string]any) ([]byte, error) {
 		},
 	}}
 	if mesh {
-		entry := map[string]any{"type": "meshless-cni", "socketPath": n.Socket, "logLevel": "debug"}
+		// The capability, as meshlessd install-cni declares it.
+		entry := map[string]any{"type": "meshless-cni", "socketPath": n.Socket, "logLevel": "debug",
+			"capabilities": map[string]bool{PodAnnotationsCapability: true}}
 		maps.Copy(entry, n.Config.PluginConf)
 		maps.Copy(entry, extra)
 		plugins = append(plugins, entry)

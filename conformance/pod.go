@@ -26,6 +26,10 @@ type PodConfig struct {
 	ContainerID string
 	// PluginConf is merged into this pod's meshless-cni entry over the node's.
 	PluginConf map[string]any
+	// Annotations, when not nil, are passed as containerd passes a pod's annotations: as the
+	// io.kubernetes.cri.pod-annotations capability argument (runtimeConfig) of the plugins that
+	// declare it, as meshless-cni's entry does.
+	Annotations map[string]string
 }
 
 // Pod is a network namespace attached to a node's bridge through libcni.
@@ -125,6 +129,9 @@ func (n *Node) addPod(ctx context.Context, cfg PodConfig, conflist []byte) (*Pod
 			{"K8S_POD_INFRA_CONTAINER_ID", cfg.ContainerID},
 			{"K8S_POD_UID", cfg.UID},
 		},
+	}
+	if cfg.Annotations != nil {
+		p.rt.CapabilityArgs = map[string]any{PodAnnotationsCapability: cfg.Annotations}
 	}
 	// Registered after the namespace, so it runs first: the runtime tears down the network
 	// before it removes the sandbox.

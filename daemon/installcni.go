@@ -64,7 +64,12 @@ func parseInstallCNIFlags(args []string) (*installCNIFlags, error) {
 	if !filepath.IsAbs(*socket) {
 		return nil, fmt.Errorf("--socket %q must be an absolute path", *socket)
 	}
-	f.entry = cniconf.Entry{"socketPath": *socket}
+	f.entry = cniconf.Entry{
+		"socketPath": *socket,
+		// containerd and CRI-O then pass the pod's annotations in runtimeConfig, so that the
+		// daemon can honour meshless.io/inject without waiting for the pod in the API.
+		"capabilities": map[string]bool{"io.kubernetes.cri.pod-annotations": true},
+	}
 	for _, p := range []struct {
 		flag, key, val string
 	}{{"exclude-inbound-ports", "excludeInboundPorts", *inPorts}, {"exclude-outbound-ports", "excludeOutboundPorts", *outPorts}} {

@@ -91,7 +91,7 @@ func TestInstallCNIOnceAndUninstall(t *testing.T) {
 		t.Fatalf("plugin binary: %v %v", fi, err)
 	}
 	m := lastPlugin(t, conflist)
-	want := `{"excludeInboundPorts":[15021,9090],"excludeOutboundCIDRs":["10.96.0.0/12"],"logLevel":"debug","socketPath":"/run/m.sock","type":"meshless-cni"}`
+	want := `{"capabilities":{"io.kubernetes.cri.pod-annotations":true},"excludeInboundPorts":[15021,9090],"excludeOutboundCIDRs":["10.96.0.0/12"],"logLevel":"debug","socketPath":"/run/m.sock","type":"meshless-cni"}`
 	if got, _ := json.Marshal(m); string(got) != want {
 		t.Fatalf("our entry %s\nwant %s", got, want)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -39,33 +40,57 @@ func (k *kubeFlags) validate(workloads string) error {
 	return nil
 }
 
-// serviceAccounts returns where enrolling pods' service accounts come from: the Kubernetes API
-// with --kubeconfig, or in a pod when --workloads is not given; the --workloads file otherwise.
-// pods is the watch of this node's pods (to run, and to wait for before the daemon is ready); nil
-// outside Kubernetes.
-func serviceAccounts(f *runFlags, log *slog.Logger) (accounts agent.ServiceAccounts, pods *kube.Pods, err error) {
+// kubeView is the daemon's view of the Kubernetes API: the watch of this node's pods and the
+// writer of their status annotation. Both are nil outside Kubernetes.
+type kubeView struct {
+	pods   *kube.Pods
+	status *kube.StatusWriter
+}
+
+// reporter is where the agent reports pods' status: nowhere outside Kubernetes.
+func (k kubeView) reporter() agent.StatusReporter {
+	if k.status == nil {
+		return nil
+	}
+	return k.status
+}
+
+// run starts the watch and the writer, until ctx ends.
+func (k kubeView) run(ctx context.Context) {
+	if k.pods != nil {
+		go k.pods.Run(ctx)
+	}
+	if k.status != nil {
+		go k.status.Run(ctx)
+	}
+}
+
+// podDirectory returns where enrolling pods' service accounts and annotations come from: the
+// Kubernetes API with --kubeconfig, or in a pod when --workloads is not given; the --workloads
+// file otherwise.
+func podDirectory(f *runFlags, log *slog.Logger) (agent.Directory, kubeView, error) {
 	if f.kube.kubeconfig == "" && (f.workloads != "" || !kube.InCluster()) {
 		workloads, err := meshtls.LoadWorkloads(f.workloads)
 		if err != nil {
-			return nil, nil, err
+			return nil, kubeView{}, err
 		}
-		return agent.WorkloadsFile{Workloads: workloads}, nil, nil
+		return agent.WorkloadsFile{Workloads: workloads}, kubeView{}, nil
 	}
 	// client-go reports through klog (a watch that fails, access that RBAC denies): into the
 	// daemon's own JSON log, not a second format on stderr.
 	klog.SetSlogLogger(log.With("component", "client-go"))
 	client, err := kube.NewClient(f.kube.kubeconfig)
 	if err != nil {
-		return nil, nil, err
+		return nil, kubeView{}, err
 	}
-	pods, err = kube.New(kube.Config{Client: client, Node: f.node, Wait: f.kube.podWait, Log: log})
+	pods, err := kube.New(kube.Config{Client: client, Node: f.node, Wait: f.kube.podWait, Log: log})
 	if err != nil {
-		return nil, nil, err
+		return nil, kubeView{}, err
 	}
 	from := f.kube.kubeconfig
 	if from == "" {
 		from = "in-cluster"
 	}
-	log.Info("service accounts from the Kubernetes API", "node", f.node, "kubeconfig", from, "pod_wait", f.kube.podWait.String())
-	return pods, pods, nil
+	log.Info("pods' service accounts and annotations from the Kubernetes API", "node", f.node, "kubeconfig", from, "pod_wait", f.kube.podWait.String())
+	return pods, kubeView{pods: pods, status: kube.NewStatusWriter(client, agent.AnnotationStatus, log)}, nil
 }

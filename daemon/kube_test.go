@@ -26,7 +26,7 @@ import (
 
 var discard = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-func TestServiceAccountsSource(t *testing.T) {
+func TestPodDirectorySource(t *testing.T) {
 	workloads := filepath.Join(t.TempDir(), "workloads.json")
 	if err := os.WriteFile(workloads, []byte(`{"shop/web": "seller"}`), 0o600); err != nil {
 		t.Fatal(err)
@@ -87,20 +87,26 @@ func accountsFrom(args []string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	accounts, pods, err := serviceAccounts(f, discard)
+	dir, kv, err := podDirectory(f, discard)
 	if err != nil {
 		return "", err
 	}
-	switch a := accounts.(type) {
+	switch a := dir.(type) {
 	case agent.WorkloadsFile:
+		if kv.reporter() != nil {
+			return "", errors.New("a status reporter outside Kubernetes")
+		}
 		return "file", nil
 	case *kube.Pods:
-		if a != pods {
+		if a != kv.pods {
 			return "", errors.New("the watch to run is not the one that answers")
+		}
+		if kv.reporter() == nil {
+			return "", errors.New("no status reporter in Kubernetes")
 		}
 		return "kubernetes", nil
 	}
-	return fmt.Sprintf("%T", accounts), nil
+	return fmt.Sprintf("%T", dir), nil
 }
 
 // fakePods lists and watches pods from client-go's fake clientset, empty.

@@ -40,6 +40,9 @@ type runFlags struct {
 	healthAddr   string
 	logLevel     string
 	svidTTL      time.Duration
+	excludedNS   []string
+	healthEvery  time.Duration
+	adopt        adoptFlags
 	tls          tlsFlags
 	kube         kubeFlags
 	identity     identityFlags
@@ -83,6 +86,9 @@ func parseRunFlags(args []string) (*runFlags, error) {
 	fs.StringVar(&f.healthAddr, "health-addr", "127.0.0.1:15021", "address of /healthz and /readyz (empty: off)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&f.svidTTL, "svid-ttl", 24*time.Hour, "lifetime of minted SVIDs; they are renewed at half-life")
+	excluded := fs.String("excluded-namespaces", "kube-system", "comma-separated namespaces whose pods are never enrolled")
+	fs.DurationVar(&f.healthEvery, "health-interval", time.Minute, "how often to log the one-line health summary (0: never)")
+	f.adopt.register(fs)
 	f.tls.register(fs)
 	f.kube.register(fs)
 	f.identity.register(fs)
@@ -97,6 +103,18 @@ func parseRunFlags(args []string) (*runFlags, error) {
 	}
 	if len(f.meshCIDRs) == 0 {
 		return nil, errors.New("at least one --mesh-cidr is required: without it no destination gets mTLS")
+	}
+	f.excludedNS = splitList(*excluded)
+	for _, ns := range f.excludedNS {
+		if err := enroll.ValidateNamespace(ns); err != nil {
+			return nil, fmt.Errorf("--excluded-namespaces: %w", err)
+		}
+	}
+	if err := f.adopt.validate(); err != nil {
+		return nil, err
+	}
+	if f.healthEvery < 0 {
+		return nil, fmt.Errorf("--health-interval %s: must not be negative", f.healthEvery)
 	}
 	if f.svidTTL < 2*time.Second {
 		return nil, fmt.Errorf("--svid-ttl %s: too short to renew at half-life", f.svidTTL)
@@ -121,11 +139,20 @@ func envOr(key, def string) string {
 }
 
 func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	h, err := newLogHandler(w, level)
+	if err != nil {
+		return nil, err
+	}
+	return slog.New(h), nil
+}
+
+// newLogHandler is the daemon's JSON log: one object per line, for `kubectl logs` and log shippers.
+func newLogHandler(w io.Writer, level string) (slog.Handler, error) {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("--log-level %q: %w", level, err)
 	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l})), nil
+	return slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l}), nil
 }
 
 func runCmd(args []string, stdout io.Writer) error {
@@ -133,10 +160,12 @@ func runCmd(args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	log, err := newLogger(stdout, f.logLevel)
+	h, err := newLogHandler(stdout, f.logLevel)
 	if err != nil {
 		return err
 	}
+	counts := newCountingHandler(h)
+	log := slog.New(counts)
 	if err := f.tls.checkFIPS(); err != nil {
 		return err
 	}
@@ -148,7 +177,7 @@ func runCmd(args []string, stdout io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--mode: %w", err)
 	}
-	accounts, pods, err := serviceAccounts(f, log)
+	directory, kv, err := podDirectory(f, log)
 	if err != nil {
 		return err
 	}
@@ -180,16 +209,18 @@ func runCmd(args []string, stdout io.Writer) error {
 		return err
 	}
 	ag, err := agent.New(agent.Config{
-		Node:        f.node,
-		TrustDomain: td,
-		Mode:        mode,
-		Backend:     backend,
-		StateDir:    f.stateDir,
-		Accounts:    accounts,
-		Identities:  source,
-		TLS:         configs,
-		Proxy:       proxy,
-		Log:         log,
+		Node:               f.node,
+		TrustDomain:        td,
+		Mode:               mode,
+		Backend:            backend,
+		StateDir:           f.stateDir,
+		Directory:          directory,
+		ExcludedNamespaces: f.excludedNS,
+		Reporter:           kv.reporter(),
+		Identities:         source,
+		TLS:                configs,
+		Proxy:              proxy,
+		Log:                log,
 	})
 	if err != nil {
 		return err
@@ -198,9 +229,7 @@ func runCmd(args []string, stdout io.Writer) error {
 
 	errc := make(chan error, 4)
 	go func() { errc <- source.Run(ctx) }()
-	if pods != nil {
-		go pods.Run(ctx)
-	}
+	kv.run(ctx)
 	if ca, ok := source.(*meshtls.CASource); ok && f.tls.caReloadInterval > 0 {
 		go func() { errc <- ca.WatchCADir(ctx, f.caDir, f.tls.caReloadInterval) }()
 	}
@@ -210,12 +239,15 @@ func runCmd(args []string, stdout io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("--health-addr: %w", err)
 		}
-		hs := &http.Server{Handler: healthHandler(ag, proxy, pods), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: healthHandler(ag, proxy, kv.pods), ReadHeaderTimeout: 5 * time.Second}
 		go func() { errc <- serveUntil(ctx, hs, hl) }()
 	}
 
 	restored := ag.Restore()
 	go ag.Reconcile(ctx, 5*time.Second)
+	if kv.pods != nil && f.adopt.interval > 0 {
+		go adoptRunning(ctx, f, ag, kv.pods, log)
+	}
 
 	sl, err := enroll.Listen(f.socket)
 	if err != nil {
@@ -226,9 +258,15 @@ func runCmd(args []string, stdout io.Writer) error {
 
 	log.Info("meshlessd ready", append([]any{
 		"node", f.node, "trust_domain", td.Name(), "mode", string(mode), "strict_egress", f.strictEgress,
-		"mesh_cidrs", f.meshCIDRs.String(), "iptables_backend", string(backend), "socket", f.socket,
-		"health_addr", f.healthAddr, "svid_ttl", f.svidTTL.String(), "pods_reattached", restored},
+		"mesh_cidrs", f.meshCIDRs.String(), "excluded_namespaces", strings.Join(f.excludedNS, ","),
+		"iptables_backend", string(backend), "socket", f.socket, "identity_source", f.identity.source,
+		"health_addr", f.healthAddr, "health_interval", f.healthEvery.String(), "svid_ttl", f.svidTTL.String(),
+		"pods_reattached", restored},
 		f.tls.logAttrs()...)...)
+	if f.healthEvery > 0 {
+		hr := &healthReporter{agent: ag, stats: proxy.Stats(), svids: source, counts: counts, log: slog.New(h)}
+		go hr.run(ctx, f.healthEvery)
+	}
 
 	select {
 	case <-ctx.Done():

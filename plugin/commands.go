@@ -15,9 +15,11 @@ import (
 	"github.com/meshless/meshless/pkg/enroll"
 )
 
-// cmdAdd captures the pod's traffic and enrolls it. The rules go in first, so that from the
-// moment the pod is enrolled nothing it sends escapes the daemon; if enrollment fails they are
-// taken out again, so that a failed ADD leaves no pod half wired behind.
+// cmdAdd enrolls the pod, then captures its traffic. The daemon decides first, because it may
+// skip the pod (an excluded namespace, the meshless.io/inject: "false" annotation), and it opens
+// the pod's listeners before the rules send anything to them. The pod's containers start only
+// after ADD succeeds, so nothing runs between the two steps; if the rules cannot be installed
+// the enrollment is withdrawn and ADD fails, so that no pod is left half wired.
 func cmdAdd(args *skel.CmdArgs) error {
 	ctx := context.Background()
 	at, err := prepare(ctx, args)
@@ -29,17 +31,21 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if id.Fallback {
 		log.Warn("CNI_ARGS has no K8S_POD_NAMESPACE/K8S_POD_NAME (not run by Kubernetes?); enrolling the pod under a name made from its container ID")
 	}
-	log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
-	if err := capture.Apply(pod.Netns, cc); err != nil {
-		return types.NewError(types.ErrInternal, err.Error(), "")
-	}
 	e, err := client.Enroll(ctx, pod)
 	if err != nil {
-		if rerr := capture.Remove(pod.Netns, cc); rerr != nil {
-			log.Error("rolling back the capture rules failed", "reason", rerr)
-			err = fmt.Errorf("%w (rolling back the capture rules also failed: %v)", err, rerr)
-		}
 		return daemonError(err)
+	}
+	if e.Skipped != "" {
+		log.Info("pod skipped by meshlessd; its traffic is left alone", "reason", e.Skipped)
+		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+	}
+	log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
+	if err := capture.Apply(pod.Netns, cc); err != nil {
+		if rerr := client.Remove(ctx, pod.ContainerID); rerr != nil {
+			log.Error("withdrawing the enrollment failed", "reason", rerr)
+			err = fmt.Errorf("%w (withdrawing the enrollment also failed: %v)", err, rerr)
+		}
+		return types.NewError(types.ErrInternal, err.Error(), "")
 	}
 	log.Info("pod enrolled", "spiffe_id", e.SPIFFEID, "ips", pod.IPs, "infra_container", id.InfraContainerID)
 	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
@@ -67,8 +73,8 @@ func cmdDel(args *skel.CmdArgs) error {
 	return daemonError(err)
 }
 
-// cmdCheck verifies that the capture rules are complete and that the daemon serves the pod
-// with the addresses prevResult gives it.
+// cmdCheck verifies that the daemon serves the pod with the addresses prevResult gives it and that
+// the capture rules are complete; a pod the daemon skipped has nothing to verify.
 func cmdCheck(args *skel.CmdArgs) error {
 	ctx := context.Background()
 	at, err := prepare(ctx, args)
@@ -76,10 +82,6 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return err
 	}
 	conf, pod, client, cc := at.conf, at.pod, at.client, at.capture
-	if err := capture.Check(pod.Netns, cc); err != nil {
-		return types.NewError(types.ErrInternal,
-			fmt.Sprintf("capture rules missing in netns %s: %v; re-create the pod", pod.Netns, err), "")
-	}
 	e, err := client.Get(ctx, pod.ContainerID)
 	switch {
 	case errors.Is(err, enroll.ErrNotFound):
@@ -88,11 +90,17 @@ func cmdCheck(args *skel.CmdArgs) error {
 				pod.Namespace, pod.Name, pod.ContainerID, conf.SocketPath), "")
 	case err != nil:
 		return daemonError(err)
+	case e.Skipped != "":
+		return nil
 	}
 	if !sameAddrs(e.Pod.IPs, pod.IPs) {
 		return types.NewError(types.ErrInternal,
 			fmt.Sprintf("pod %s/%s (container %s) is enrolled with IPs %v but prevResult gives it %v; re-create the pod",
 				pod.Namespace, pod.Name, pod.ContainerID, e.Pod.IPs, pod.IPs), "")
+	}
+	if err := capture.Check(pod.Netns, cc); err != nil {
+		return types.NewError(types.ErrInternal,
+			fmt.Sprintf("capture rules missing in netns %s: %v; re-create the pod", pod.Netns, err), "")
 	}
 	return nil
 }
@@ -141,7 +149,6 @@ func cmdStatus(args *skel.CmdArgs) error {
 	return nil
 }
 
-// podFromArgs assembles the pod the runtime is wiring and validates it before anything is touched.
 // attachment is what ADD and CHECK both start from: the pod as prevResult and CNI_ARGS describe
 // it, the daemon serving the node, and the capture the pod must have.
 type attachment struct {
@@ -163,7 +170,7 @@ func prepare(ctx context.Context, args *skel.CmdArgs) (*attachment, error) {
 	if err != nil {
 		return nil, err
 	}
-	pod, id, err := podFromArgs(args, prev)
+	pod, id, err := podFromArgs(args, conf, prev)
 	if err != nil {
 		return nil, err
 	}
@@ -179,7 +186,8 @@ func prepare(ctx context.Context, args *skel.CmdArgs) (*attachment, error) {
 	return &attachment{conf: conf, pod: pod, id: id, client: client, capture: cc}, nil
 }
 
-func podFromArgs(args *skel.CmdArgs, prev *current.Result) (enroll.Pod, podIdentity, error) {
+// podFromArgs assembles the pod the runtime is wiring and validates it before anything is touched.
+func podFromArgs(args *skel.CmdArgs, conf *Config, prev *current.Result) (enroll.Pod, podIdentity, error) {
 	ips, err := podIPs(prev)
 	if err != nil {
 		return enroll.Pod{}, podIdentity{}, err
@@ -196,6 +204,7 @@ func podFromArgs(args *skel.CmdArgs, prev *current.Result) (enroll.Pod, podIdent
 		Name:        id.Name,
 		UID:         id.UID,
 		IPs:         ips,
+		Annotations: conf.RuntimeConfig.PodAnnotations,
 	}
 	if err := pod.Validate(); err != nil {
 		return enroll.Pod{}, podIdentity{}, types.NewError(types.ErrInvalidEnvironmentVariables,

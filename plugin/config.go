@@ -26,6 +26,13 @@ type Config struct {
 	ExcludeOutboundPorts []int    `json:"excludeOutboundPorts,omitempty"`
 	ExcludeOutboundCIDRs []string `json:"excludeOutboundCIDRs,omitempty"`
 	LogLevel             string   `json:"logLevel,omitempty"`
+	// RuntimeConfig holds what the runtime passes for the capabilities our conflist entry
+	// declares (install-cni declares io.kubernetes.cri.pod-annotations).
+	RuntimeConfig struct {
+		// PodAnnotations is nil when the runtime did not pass them (then meshlessd reads them
+		// from the Kubernetes API).
+		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations"`
+	} `json:"runtimeConfig"`
 
 	// Parsed from the fields above by parseConfig.
 	inboundPorts  []uint16

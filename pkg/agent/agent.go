@@ -30,18 +30,28 @@ type IdentitySource interface {
 	Release(id spiffeid.ID)
 }
 
-// ServiceAccounts tells which service account a pod runs as. Its answer, given once at
-// enrollment, fixes the pod's identity for the pod's whole life.
-type ServiceAccounts interface {
-	ServiceAccountOf(ctx context.Context, pod enroll.Pod) (string, error)
+// Directory tells what the cluster knows about an enrolling pod: its service account and its
+// annotations. The service account, given once at enrollment, fixes the pod's identity for the
+// pod's whole life.
+type Directory interface {
+	// Describe returns the pod's service account and annotations; annotations are nil when the
+	// directory does not know them.
+	Describe(ctx context.Context, pod enroll.Pod) (serviceAccount string, annotations map[string]string, err error)
+}
+
+// StatusReporter publishes whether a pod is served, where operators look (the pod's
+// meshless.io/status annotation in Kubernetes). It must not block.
+type StatusReporter interface {
+	Report(pod enroll.Pod, status string)
 }
 
 // WorkloadsFile resolves service accounts from a --workloads mapping, outside Kubernetes.
 type WorkloadsFile struct{ Workloads meshtls.Workloads }
 
-// ServiceAccountOf returns the mapped service account, "default" when the pod is not mapped.
-func (w WorkloadsFile) ServiceAccountOf(_ context.Context, p enroll.Pod) (string, error) {
-	return w.Workloads.ServiceAccount(p.Namespace, p.Name), nil
+// Describe returns the mapped service account, "default" when the pod is not mapped, and no
+// annotations.
+func (w WorkloadsFile) Describe(_ context.Context, p enroll.Pod) (string, map[string]string, error) {
+	return w.Workloads.ServiceAccount(p.Namespace, p.Name), nil, nil
 }
 
 // Config is what the agent is built from.
@@ -51,11 +61,15 @@ type Config struct {
 	Mode        tunnel.Mode
 	Backend     capture.Backend
 	StateDir    string
-	Accounts    ServiceAccounts
-	Identities  IdentitySource
-	TLS         *meshtls.Configs
-	Proxy       *tunnel.Proxy
-	Log         *slog.Logger
+	Directory   Directory
+	// ExcludedNamespaces are namespaces whose pods are never enrolled (kube-system, say).
+	ExcludedNamespaces []string
+	// Reporter, when set, hears whether each pod the plugin or discovery brings is served.
+	Reporter   StatusReporter
+	Identities IdentitySource
+	TLS        *meshtls.Configs
+	Proxy      *tunnel.Proxy
+	Log        *slog.Logger
 }
 
 // Agent enrolls, serves and forgets the pods of one node.
@@ -72,11 +86,16 @@ type Agent struct {
 	pending map[string]record
 }
 
+// pod is a pod the agent was asked to enroll: served (with an identity and a tunnel), or skipped
+// (rec.Enrollment.Skipped says why; no identity, no tunnel), so that CHECK, DEL and restarts
+// treat both alike.
 type pod struct {
 	rec    record
 	id     spiffeid.ID
 	tunnel *tunnel.PodTunnel
 }
+
+func (pd *pod) served() bool { return pd.tunnel != nil }
 
 // New returns an agent with no pods; call Restore to bring back the pods that
 // were enrolled before a restart.
@@ -91,9 +110,10 @@ func New(cfg Config) (*Agent, error) {
 	return &Agent{cfg: cfg, store: st, pods: make(map[string]*pod), pending: make(map[string]record)}, nil
 }
 
-// Enroll gives the pod its identity and opens its data path. Enrolling the
-// same container in the same netns again returns the existing enrollment; the
-// same container ID in a new netns replaces the old enrollment.
+// Enroll gives the pod its identity and opens its data path, or records it as skipped when
+// policy excludes it (its namespace, its meshless.io/inject annotation). Enrolling the same
+// container in the same netns again returns the existing enrollment; the same container ID in a
+// new netns replaces the old enrollment.
 func (a *Agent) Enroll(ctx context.Context, p enroll.Pod) (enroll.Enrollment, error) {
 	if err := p.Validate(); err != nil {
 		return enroll.Enrollment{}, err
@@ -102,36 +122,77 @@ func (a *Agent) Enroll(ctx context.Context, p enroll.Pod) (enroll.Enrollment, er
 	if err != nil {
 		return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: %w: %w", p.Namespace, p.Name, enroll.ErrInvalid, err)
 	}
-	// Resolved before taking the lock: in Kubernetes this may wait for the API to show the pod.
-	sa, err := a.cfg.Accounts.ServiceAccountOf(ctx, p)
-	if err != nil {
-		return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: service account: %w", p.Namespace, p.Name, err)
+	rec := record{Enrollment: enroll.Enrollment{Pod: p, EnrolledAt: time.Now().UTC()}, Netns: nsID}
+	rec.Enrollment.Skipped = skipReason(a.cfg.ExcludedNamespaces, p.Namespace, p.Annotations)
+	if rec.Enrollment.Skipped == "" {
+		// Resolved before taking the lock: in Kubernetes this may wait for the API to show the pod.
+		sa, annotations, err := a.cfg.Directory.Describe(ctx, p)
+		if err != nil {
+			return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: %w", p.Namespace, p.Name, err)
+		}
+		rec.ServiceAccount = sa
+		if p.Annotations == nil {
+			rec.Enrollment.Skipped = skipReason(nil, p.Namespace, annotations)
+		}
 	}
+	e, err := a.enroll(rec)
+	if err != nil {
+		return enroll.Enrollment{}, err
+	}
+	a.report(e)
+	return e, nil
+}
+
+func (a *Agent) enroll(rec record) (enroll.Enrollment, error) {
+	p := rec.Enrollment.Pod
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	delete(a.pending, p.ContainerID)
 	if old, ok := a.pods[p.ContainerID]; ok {
-		if old.rec.Netns == nsID && slices.Equal(old.rec.Enrollment.Pod.IPs, p.IPs) {
+		if old.rec.Netns == rec.Netns && slices.Equal(old.rec.Enrollment.Pod.IPs, p.IPs) && old.rec.Enrollment.Skipped == rec.Enrollment.Skipped {
 			return old.rec.Enrollment, nil
 		}
-		a.detachLocked(old, "re-enrolled with a new network namespace")
+		a.detachLocked(old, "re-enrolled with a new network namespace, new addresses or a new decision")
 	}
-	rec := record{
-		Enrollment:     enroll.Enrollment{Pod: p, EnrolledAt: time.Now().UTC()},
-		ServiceAccount: sa,
-		Netns:          nsID,
+	// One network namespace is one pod: an enrollment of it under another container ID (a
+	// sandbox the daemon adopted, now seen by the runtime's own CNI ADD) replaces the old one.
+	for _, other := range a.pods {
+		if other.rec.Netns == rec.Netns {
+			a.detachLocked(other, "its network namespace was enrolled again as container "+p.ContainerID)
+		}
 	}
-	pd, err := a.attachLocked(rec)
-	if err != nil {
-		return enroll.Enrollment{}, err
+	pd := &pod{rec: rec}
+	if rec.Enrollment.Skipped == "" {
+		var err error
+		if pd, err = a.attachLocked(rec); err != nil {
+			return enroll.Enrollment{}, err
+		}
+	} else {
+		a.pods[p.ContainerID] = pd
 	}
 	if err := a.store.save(pd.rec); err != nil {
 		a.detachLocked(pd, "state not saved")
 		return enroll.Enrollment{}, fmt.Errorf("enroll pod %s/%s: %w", p.Namespace, p.Name, err)
 	}
+	if !pd.served() {
+		a.cfg.Log.Info("pod skipped", "pod", p.Name, "namespace", p.Namespace, "container_id", p.ContainerID, "reason", rec.Enrollment.Skipped)
+		return pd.rec.Enrollment, nil
+	}
 	a.cfg.Log.Info("pod enrolled", "pod", p.Name, "namespace", p.Namespace, "container_id", p.ContainerID,
 		"spiffe_id", pd.id.String(), "ips", p.IPs, "netns", p.Netns)
 	return pd.rec.Enrollment, nil
+}
+
+// report tells the status reporter, if any, how the pod is served.
+func (a *Agent) report(e enroll.Enrollment) {
+	if a.cfg.Reporter == nil {
+		return
+	}
+	status := StatusEnrolled
+	if e.Skipped != "" {
+		status = "skipped: " + e.Skipped
+	}
+	a.cfg.Reporter.Report(e.Pod, status)
 }
 
 // attachLocked takes the identity the record names and opens the pod's listeners.
@@ -166,10 +227,12 @@ func (a *Agent) attachLocked(rec record) (*pod, error) {
 func (a *Agent) detachLocked(pd *pod, reason string) {
 	p := pd.rec.Enrollment.Pod
 	delete(a.pods, p.ContainerID)
-	pd.tunnel.Close()
-	a.cfg.Identities.Release(pd.id)
-	if !a.identityInUseLocked(pd.id) {
-		a.cfg.TLS.Forget(pd.id)
+	if pd.served() {
+		pd.tunnel.Close()
+		a.cfg.Identities.Release(pd.id)
+		if !a.identityInUseLocked(pd.id) {
+			a.cfg.TLS.Forget(pd.id)
+		}
 	}
 	if err := a.store.remove(p.ContainerID); err != nil {
 		a.cfg.Log.Error("pod state not removed", "pod", p.Name, "namespace", p.Namespace, "reason", err)
@@ -242,13 +305,23 @@ func (a *Agent) GC(_ context.Context, keep []string) ([]string, error) {
 // Status describes the agent for the plugin and for operators.
 func (a *Agent) Status(context.Context) enroll.Status {
 	a.mu.Lock()
-	n := len(a.pods)
+	served, skipped := 0, 0
+	for _, pd := range a.pods {
+		if pd.served() {
+			served++
+		} else {
+			skipped++
+		}
+	}
+	pending := len(a.pending)
 	a.mu.Unlock()
 	return enroll.Status{
 		Node:        a.cfg.Node,
 		Backend:     string(a.cfg.Backend),
 		Ready:       a.ready.Load(),
-		Pods:        n,
+		Pods:        served,
+		Skipped:     skipped,
+		Pending:     pending,
 		TrustDomain: a.cfg.TrustDomain.Name(),
 		Mode:        string(a.cfg.Mode),
 	}
@@ -287,6 +360,10 @@ func (a *Agent) restoreLocked(rec record) bool {
 		if err := a.store.remove(p.ContainerID); err != nil {
 			a.cfg.Log.Error("pod state not removed", "pod", p.Name, "namespace", p.Namespace, "reason", err)
 		}
+		return false
+	}
+	if rec.Enrollment.Skipped != "" {
+		a.pods[p.ContainerID] = &pod{rec: rec}
 		return false
 	}
 	pd, err := a.attachLocked(rec)
@@ -343,7 +420,39 @@ func (a *Agent) Close() {
 	defer a.mu.Unlock()
 	a.ready.Store(false)
 	for _, pd := range a.pods {
-		pd.tunnel.Close()
+		if pd.served() {
+			pd.tunnel.Close()
+		}
 	}
 	clear(a.pods)
+}
+
+// Identities returns the identities of the pods served, each once.
+func (a *Agent) Identities() []spiffeid.ID {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var ids []spiffeid.ID
+	for _, pd := range a.pods {
+		if pd.served() && !slices.Contains(ids, pd.id) {
+			ids = append(ids, pd.id)
+		}
+	}
+	return ids
+}
+
+// Known reports whether a pod with this Kubernetes UID is enrolled or skipped here.
+func (a *Agent) Known(uid string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, pd := range a.pods {
+		if pd.rec.Enrollment.Pod.UID == uid {
+			return true
+		}
+	}
+	for _, rec := range a.pending {
+		if rec.Enrollment.Pod.UID == uid {
+			return true
+		}
+	}
+	return false
 }

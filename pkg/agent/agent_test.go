@@ -90,7 +90,7 @@ func newAgent(t *testing.T, mode tunnel.Mode, stateDir, caDir string) *fixture {
 		Mode:        mode,
 		Backend:     capture.NFT,
 		StateDir:    stateDir,
-		Accounts:    WorkloadsFile{meshtls.Workloads{"shop/client": "buyer", "shop/server": "seller"}},
+		Directory:   WorkloadsFile{meshtls.Workloads{"shop/client": "buyer", "shop/server": "seller"}},
 		Identities:  src,
 		TLS:         configs,
 		Proxy:       proxy,

@@ -357,3 +357,31 @@ func sameJSON(a, b []byte) bool {
 	}
 	return reflect.DeepEqual(x, y)
 }
+
+// ErrNotChained means the runtime's network configuration has no meshless-cni entry (yet).
+var ErrNotChained = errors.New("meshless-cni is not chained in the CNI network configuration")
+
+// Chained returns the network configuration list the runtime uses from dir, and our entry in it.
+func Chained(dir string) (*libcni.NetworkConfigList, *libcni.NetworkConfig, error) {
+	path, err := FindPrimary(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	raw, _, err := readFile(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	if isSingle(path, raw) {
+		return nil, nil, fmt.Errorf("%s: %w", path, ErrNotChained)
+	}
+	list, err := libcni.ConfListFromBytes(raw)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	for _, p := range list.Plugins {
+		if p.Network.Type == PluginType {
+			return list, p, nil
+		}
+	}
+	return nil, nil, fmt.Errorf("%s: %w", path, ErrNotChained)
+}

@@ -1,6 +1,7 @@
 // Package enroll is the API between the CNI plugin (meshless-cni) and the node daemon (meshlessd):
-// HTTP/1.1 with JSON bodies over a root-only unix socket. The plugin enrolls each new pod after
-// installing its capture rules; the daemon implements Service and serves it with Handler.
+// HTTP/1.1 with JSON bodies over a root-only unix socket. The plugin asks the daemon to enroll
+// each new pod, then installs its capture rules unless the daemon skipped the pod; the daemon
+// implements Service and serves it with Handler.
 package enroll
 
 import (
@@ -29,22 +30,34 @@ type Pod struct {
 	Name        string       `json:"name"`
 	UID         string       `json:"uid,omitempty"`
 	IPs         []netip.Addr `json:"ips"`
+	// Annotations are the pod's annotations as the runtime passed them to the plugin (containerd's
+	// io.kubernetes.cri.pod-annotations capability). nil means the runtime did not say, and the
+	// daemon looks at the Kubernetes API instead; an empty map means the pod has none.
+	Annotations map[string]string `json:"annotations"`
 }
 
-// Enrollment is the daemon's record of an enrolled pod.
+// Enrollment is the daemon's record of a pod it was asked to enroll.
 type Enrollment struct {
-	Pod        Pod       `json:"pod"`
-	SPIFFEID   string    `json:"spiffeID"`
+	Pod Pod `json:"pod"`
+	// SPIFFEID is the identity the pod's connections carry; empty when the pod is skipped.
+	SPIFFEID string `json:"spiffeID,omitempty"`
+	// Skipped, when set, says why the daemon does not serve the pod (an excluded namespace, the
+	// meshless.io/inject: "false" annotation): the plugin then leaves the pod's traffic alone.
+	Skipped    string    `json:"skipped,omitempty"`
 	EnrolledAt time.Time `json:"enrolledAt"`
 }
 
 // Status describes the daemon; the plugin reads Backend so that every pod's rules use the
 // iptables backend that the node already uses.
 type Status struct {
-	Node        string `json:"node"`
-	Backend     string `json:"backend"`
-	Ready       bool   `json:"ready"`
+	Node    string `json:"node"`
+	Backend string `json:"backend"`
+	Ready   bool   `json:"ready"`
+	// Pods counts the pods served; Skipped those that policy leaves alone; Pending those restored
+	// from disk whose data path could not be re-opened yet.
 	Pods        int    `json:"pods"`
+	Skipped     int    `json:"skipped"`
+	Pending     int    `json:"pending"`
 	TrustDomain string `json:"trustDomain"`
 	Mode        string `json:"mode"`
 }

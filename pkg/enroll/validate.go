@@ -19,6 +19,8 @@ const (
 	maxIfNameLen = 15
 	maxLabelLen  = 63
 	maxDNSLen    = 253
+	// maxAnnotationsSize is the Kubernetes API's bound on a pod's annotations (keys and values).
+	maxAnnotationsSize = 256 << 10
 )
 
 var (
@@ -43,6 +45,7 @@ func (p Pod) Validate() error {
 	add(validateSubdomain("name", p.Name))
 	add(validateUID(p.UID))
 	add(p.validateIPs())
+	add(validateAnnotations(p.Annotations))
 	if len(problems) > 0 {
 		return fmt.Errorf("%w: pod %q: %s", ErrInvalid, p.ContainerID, strings.Join(problems, "; "))
 	}
@@ -56,6 +59,11 @@ func ValidateContainerID(id string) error {
 		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	return nil
+}
+
+// ValidateNamespace checks a Kubernetes namespace name (a DNS-1123 label).
+func ValidateNamespace(ns string) error {
+	return validateLabel("namespace", ns)
 }
 
 func validateContainerID(id string) error {
@@ -168,6 +176,20 @@ func (p Pod) validateIPs() error {
 			return fmt.Errorf("ip %s is listed twice", ip)
 		}
 		seen[ip] = true
+	}
+	return nil
+}
+
+func validateAnnotations(a map[string]string) error {
+	size := 0
+	for k, v := range a {
+		if k == "" {
+			return errors.New("annotations hold an empty key")
+		}
+		size += len(k) + len(v)
+	}
+	if size > maxAnnotationsSize {
+		return fmt.Errorf("annotations are %d bytes (at most %d, as in Kubernetes)", size, maxAnnotationsSize)
 	}
 	return nil
 }

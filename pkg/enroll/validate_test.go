@@ -34,6 +34,8 @@ func TestValidateAcceptsValidPods(t *testing.T) {
 		"256-char id":       func(p *Pod) { p.ContainerID = strings.Repeat("a", 256) },
 		"15-char ifname":    func(p *Pod) { p.IfName = "net1234567890ab" },
 		"63-char namespace": func(p *Pod) { p.Namespace = strings.Repeat("n", 63) },
+		"annotations":       func(p *Pod) { p.Annotations = map[string]string{"meshless.io/inject": "false"} },
+		"no annotations":    func(p *Pod) { p.Annotations = map[string]string{} },
 	}
 	for name, mutate := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -89,6 +91,8 @@ func TestValidateRejectsBadFields(t *testing.T) {
 		{"mapped ip", func(p *Pod) { p.IPs = []netip.Addr{netip.MustParseAddr("::ffff:10.0.0.1")} }, "send 10.0.0.1"},
 		{"zoned ip", func(p *Pod) { p.IPs = []netip.Addr{netip.MustParseAddr("fe80::1%eth0")} }, "zone"},
 		{"duplicate ip", func(p *Pod) { p.IPs = append(p.IPs, p.IPs[0]) }, "listed twice"},
+		{"empty annotation key", func(p *Pod) { p.Annotations = map[string]string{"": "x"} }, "empty key"},
+		{"huge annotations", func(p *Pod) { p.Annotations = map[string]string{"k": strings.Repeat("v", 256<<10)} }, "at most 262144"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

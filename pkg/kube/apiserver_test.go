@@ -93,11 +93,12 @@ func server(t *testing.T) *kubeapi.Server {
 	return apiServer
 }
 
-// grantPodReader gives user what meshlessd needs from the API: get, list and watch pods.
+// grantPodReader gives user what meshlessd needs from the API, as install/rbac.yaml does: get,
+// list and watch pods, and patch them (their meshless.io/status annotation).
 func grantPodReader(ctx context.Context, c kubernetes.Interface, user string) error {
 	role := &rbacv1.ClusterRole{
 		ObjectMeta: metav1.ObjectMeta{Name: "meshless-pod-reader"},
-		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}}},
+		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch", "patch"}}},
 	}
 	if _, err := c.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("creating cluster role: %w", err)
@@ -214,7 +215,7 @@ func TestServiceAccountsOfTwoAccounts(t *testing.T) {
 		// A runtime that passes no K8S_POD_UID: namespace and name decide.
 		{enroll.Pod{Namespace: ns, Name: "server"}, "seller"},
 	} {
-		got, err := pods.ServiceAccountOf(ctx, tc.pod)
+		got, _, err := pods.Describe(ctx, tc.pod)
 		if err != nil {
 			t.Fatalf("%s/%s: %v", tc.pod.Namespace, tc.pod.Name, err)
 		}
@@ -246,18 +247,18 @@ func TestPodAppearingAfterEnrollmentStarted(t *testing.T) {
 	}
 	got := make(chan answer, 1)
 	go func() {
-		sa, err := pods.ServiceAccountOf(ctx, enroll.Pod{Namespace: ns, Name: "web"})
+		sa, _, err := pods.Describe(ctx, enroll.Pod{Namespace: ns, Name: "web"})
 		got <- answer{sa, err}
 	}()
 	select {
 	case <-waiting:
 	case a := <-got:
-		t.Fatalf("ServiceAccountOf answered (%q, %v) before the pod existed", a.sa, a.err)
+		t.Fatalf("Describe answered (%q, %v) before the pod existed", a.sa, a.err)
 	}
 	createPod(t, ctx, ns, "web", node, "late")
 	a := <-got
 	if a.err != nil || a.sa != "late" {
-		t.Fatalf("ServiceAccountOf = (%q, %v), want late", a.sa, a.err)
+		t.Fatalf("Describe = (%q, %v), want late", a.sa, a.err)
 	}
 }
 
@@ -269,8 +270,8 @@ func TestRecreatedPodIsMatchedByUID(t *testing.T) {
 	node := unique("node")
 	pods := watchNode(t, ctx, node, resolveWait)
 	old := createPod(t, ctx, ns, "db-0", node, "old-sa")
-	if sa, err := pods.ServiceAccountOf(ctx, enrolling(old)); err != nil || sa != "old-sa" {
-		t.Fatalf("first pod: ServiceAccountOf = (%q, %v), want old-sa", sa, err)
+	if sa, _, err := pods.Describe(ctx, enrolling(old)); err != nil || sa != "old-sa" {
+		t.Fatalf("first pod: Describe = (%q, %v), want old-sa", sa, err)
 	}
 	grace := int64(0)
 	if err := server(t).Client.CoreV1().Pods(ns).Delete(ctx, "db-0", metav1.DeleteOptions{GracePeriodSeconds: &grace}); err != nil {
@@ -281,12 +282,12 @@ func TestRecreatedPodIsMatchedByUID(t *testing.T) {
 		t.Fatal("the API server gave the recreated pod the same UID")
 	}
 	// The watch may still show the old pod when this is asked: the answer waits for the new one.
-	if sa, err := pods.ServiceAccountOf(ctx, enrolling(recreated)); err != nil || sa != "new-sa" {
-		t.Fatalf("recreated pod: ServiceAccountOf = (%q, %v), want new-sa", sa, err)
+	if sa, _, err := pods.Describe(ctx, enrolling(recreated)); err != nil || sa != "new-sa" {
+		t.Fatalf("recreated pod: Describe = (%q, %v), want new-sa", sa, err)
 	}
 	// Now the watch shows only the new pod: the old UID is never answered with its account.
 	pods2 := watchNode(t, ctx, node, absentWait)
-	_, err := pods2.ServiceAccountOf(ctx, enrolling(old))
+	_, _, err := pods2.Describe(ctx, enrolling(old))
 	if !errors.Is(err, kube.ErrPodNotFound) {
 		t.Fatalf("old pod's UID: error %v, want ErrPodNotFound", err)
 	}
@@ -308,13 +309,13 @@ func TestPodOnAnotherNodeIsIgnored(t *testing.T) {
 	// A fresh wait for the local pod: it is created after the other node's pod, so once it
 	// resolves the watch has had every chance to deliver the other one too.
 	localWatch := watchNode(t, ctx, here, resolveWait)
-	if sa, err := localWatch.ServiceAccountOf(ctx, enrolling(local)); err != nil || sa != "mine" {
-		t.Fatalf("local pod: ServiceAccountOf = (%q, %v), want mine", sa, err)
+	if sa, _, err := localWatch.Describe(ctx, enrolling(local)); err != nil || sa != "mine" {
+		t.Fatalf("local pod: Describe = (%q, %v), want mine", sa, err)
 	}
-	if sa, err := hereWatch.ServiceAccountOf(ctx, enrolling(local)); err != nil || sa != "mine" {
-		t.Fatalf("local pod (first watch): ServiceAccountOf = (%q, %v), want mine", sa, err)
+	if sa, _, err := hereWatch.Describe(ctx, enrolling(local)); err != nil || sa != "mine" {
+		t.Fatalf("local pod (first watch): Describe = (%q, %v), want mine", sa, err)
 	}
-	_, err := hereWatch.ServiceAccountOf(ctx, enrolling(elsewhere))
+	_, _, err := hereWatch.Describe(ctx, enrolling(elsewhere))
 	if !errors.Is(err, kube.ErrPodNotFound) {
 		t.Fatalf("pod on node %s: error %v, want ErrPodNotFound", there, err)
 	}
@@ -322,7 +323,7 @@ func TestPodOnAnotherNodeIsIgnored(t *testing.T) {
 		t.Errorf("error %q does not say which node was watched", err)
 	}
 	// The pod is real: the watch of its own node resolves it.
-	if sa, err := watchNode(t, ctx, there, resolveWait).ServiceAccountOf(ctx, enrolling(elsewhere)); err != nil || sa != "theirs" {
-		t.Fatalf("pod on its own node: ServiceAccountOf = (%q, %v), want theirs", sa, err)
+	if sa, _, err := watchNode(t, ctx, there, resolveWait).Describe(ctx, enrolling(elsewhere)); err != nil || sa != "theirs" {
+		t.Fatalf("pod on its own node: Describe = (%q, %v), want theirs", sa, err)
 	}
 }

@@ -1,6 +1,7 @@
 // Package kube is the node daemon's view of its own node's pods in the Kubernetes API: an informer
 // on the pods whose spec.nodeName is this node, from which enrolling pods take their service
-// account (agent.ServiceAccounts).
+// account and annotations (agent.Directory), and the writer of their meshless.io/status
+// annotation.
 package kube
 
 import (
@@ -25,7 +26,7 @@ import (
 	"github.com/meshless/meshless/pkg/enroll"
 )
 
-// DefaultWait bounds how long ServiceAccountOf waits for a pod to appear. It stays below the CNI
+// DefaultWait bounds how long Describe waits for a pod to appear. It stays below the CNI
 // plugin's 10 s enrollment request timeout, so that the plugin gets the daemon's own error (which
 // says what is missing) rather than a time-out of its request.
 const DefaultWait = 5 * time.Second
@@ -34,7 +35,7 @@ const DefaultWait = 5 * time.Second
 // fails with it and the runtime retries the sandbox; a service account is never guessed.
 var ErrPodNotFound = errors.New("pod not found in the Kubernetes API")
 
-// errWaited is the cause of a ServiceAccountOf context that ran out of its own wait, as opposed to
+// errWaited is the cause of a Describe context that ran out of its own wait, as opposed to
 // the caller's context ending.
 var errWaited = errors.New("waited too long")
 
@@ -100,12 +101,12 @@ type Config struct {
 	ListWatch cache.ListerWatcher
 	// Node is this node's name: only pods with this spec.nodeName are watched.
 	Node string
-	// Wait bounds how long ServiceAccountOf waits for a pod to appear; 0 means DefaultWait.
+	// Wait bounds how long Describe waits for a pod to appear; 0 means DefaultWait.
 	Wait time.Duration
 	Log  *slog.Logger
 }
 
-// Pods watches the pods of one node. Run starts the watch; ServiceAccountOf answers from it.
+// Pods watches the pods of one node. Run starts the watch; Describe and List answer from it.
 type Pods struct {
 	node     string
 	wait     time.Duration
@@ -114,9 +115,9 @@ type Pods struct {
 
 	mu sync.Mutex
 	// changed is closed, and replaced, whenever a pod is added or updated: waiters in
-	// ServiceAccountOf look again then, instead of polling.
+	// Describe look again then, instead of polling.
 	changed chan struct{}
-	// waiting, when set, is called each time ServiceAccountOf starts waiting for the pod: tests
+	// waiting, when set, is called each time Describe starts waiting for the pod: tests
 	// use it to create the pod only once enrollment has looked for it.
 	waiting func(enroll.Pod)
 }
@@ -162,6 +163,17 @@ func (p *Pods) Run(ctx context.Context) {
 	<-ctx.Done()
 }
 
+// List returns the node's pods as the watch last saw them. The pods are shared with the watch's
+// cache: callers must not modify them.
+func (p *Pods) List() []*corev1.Pod {
+	objs := p.informer.GetStore().List()
+	out := make([]*corev1.Pod, 0, len(objs))
+	for _, o := range objs {
+		out = append(out, o.(*corev1.Pod))
+	}
+	return out
+}
+
 // Synced reports whether the first list of the node's pods has arrived; until then the daemon is
 // not ready.
 func (p *Pods) Synced() bool { return p.informer.HasSynced() }
@@ -179,11 +191,11 @@ func (p *Pods) changes() <-chan struct{} {
 	return p.changed
 }
 
-// ServiceAccountOf returns the service account of the pod that the API shows on this node with
-// the enrolling pod's namespace, name and (when the CNI args carry it) UID. A pod the watch has
-// not seen yet is waited for, at most the configured wait; a pod of the same name with another
-// UID (an older pod of a StatefulSet, say) is never taken for it.
-func (p *Pods) ServiceAccountOf(ctx context.Context, want enroll.Pod) (string, error) {
+// Describe returns the service account and the annotations of the pod that the API shows on this
+// node with the enrolling pod's namespace, name and (when the CNI args carry it) UID. A pod the
+// watch has not seen yet is waited for, at most the configured wait; a pod of the same name with
+// another UID (an older pod of a StatefulSet, say) is never taken for it.
+func (p *Pods) Describe(ctx context.Context, want enroll.Pod) (string, map[string]string, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, p.wait, errWaited)
 	defer cancel()
 	key := want.Namespace + "/" + want.Name
@@ -194,12 +206,17 @@ func (p *Pods) ServiceAccountOf(ctx context.Context, want enroll.Pod) (string, e
 		changed := p.changes()
 		obj, ok, err := p.informer.GetStore().GetByKey(key)
 		if err != nil {
-			return "", fmt.Errorf("pod %s in the informer cache: %w", key, err)
+			return "", nil, fmt.Errorf("pod %s in the informer cache: %w", key, err)
 		}
 		if ok {
 			pod := obj.(*corev1.Pod)
 			if want.UID == "" || string(pod.UID) == want.UID {
-				return serviceAccountName(pod), nil
+				annotations := pod.Annotations
+				if annotations == nil {
+					// The API's answer is authoritative: a pod without annotations has none.
+					annotations = map[string]string{}
+				}
+				return serviceAccountName(pod), annotations, nil
 			}
 			other = string(pod.UID)
 		}
@@ -209,7 +226,7 @@ func (p *Pods) ServiceAccountOf(ctx context.Context, want enroll.Pod) (string, e
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			return "", p.notFound(want, other, context.Cause(ctx))
+			return "", nil, p.notFound(want, other, context.Cause(ctx))
 		}
 	}
 }

@@ -55,9 +55,9 @@ func TestEmptyServiceAccountNameIsDefault(t *testing.T) {
 		t.Fatal(err)
 	}
 	startWatch(t, pods)
-	sa, err := pods.ServiceAccountOf(context.Background(), enroll.Pod{Namespace: "shop", Name: "web", UID: "u1"})
+	sa, _, err := pods.Describe(context.Background(), enroll.Pod{Namespace: "shop", Name: "web", UID: "u1"})
 	if err != nil || sa != "default" {
-		t.Fatalf("ServiceAccountOf = (%q, %v), want default", sa, err)
+		t.Fatalf("Describe = (%q, %v), want default", sa, err)
 	}
 }
 
@@ -67,7 +67,7 @@ func TestUnsyncedWatchTimesOutAndSaysSo(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Never run: the API server is unreachable, say.
-	_, err = pods.ServiceAccountOf(context.Background(), enroll.Pod{Namespace: "shop", Name: "web", UID: "u1"})
+	_, _, err = pods.Describe(context.Background(), enroll.Pod{Namespace: "shop", Name: "web", UID: "u1"})
 	if !errors.Is(err, kube.ErrPodNotFound) {
 		t.Fatalf("error %v, want ErrPodNotFound", err)
 	}
@@ -85,7 +85,7 @@ func TestCallerCancellationIsNotATimeout(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err = pods.ServiceAccountOf(ctx, enroll.Pod{Namespace: "shop", Name: "web"})
+	_, _, err = pods.Describe(ctx, enroll.Pod{Namespace: "shop", Name: "web"})
 	if !errors.Is(err, context.Canceled) || errors.Is(err, kube.ErrPodNotFound) {
 		t.Fatalf("error %v, want context.Canceled", err)
 	}

@@ -51,7 +51,7 @@ func newDaemon(t *testing.T, env *spireEnv, accounts meshtls.Workloads) *daemon 
 		Mode:        tunnel.Strict,
 		Backend:     capture.NFT,
 		StateDir:    t.TempDir(),
-		Accounts:    agent.WorkloadsFile{Workloads: accounts},
+		Directory:   agent.WorkloadsFile{Workloads: accounts},
 		Identities:  src,
 		TLS:         configs,
 		Proxy:       proxy,
