@@ -7,11 +7,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -309,17 +311,28 @@ func (e *e2e) checks(ctx context.Context) {
 	serviceTarget := fmt.Sprintf("%s:%d", e.clusterIP, servicePort)
 	plainTarget := fmt.Sprintf("%s:%d", e.plain[1].Status.PodIP, appPort)
 
-	capture, err := conformance.StartCapture(ctx, c.env, c.dir, "wire", c.o.netns, bridgeName, "tcp")
+	// Two captures: the bridge sees every packet between pods, but only after kube-proxy's DNAT
+	// (br_netfilter runs it as the frame enters the bridge); the frontend's veth sees its
+	// packets as the pod sent them, to the ClusterIP.
 	var direct, viaService, plain exchangeResult
-	var trace *conformance.Trace
+	var trace, podTrace *conformance.Trace
+	veth, err := e.hostVeth(ctx, e.frontend)
 	if err == nil {
-		direct = e.exchange(ctx, e.frontend, backendTarget)
-		viaService = e.exchange(ctx, e.frontend, serviceTarget)
-		plain = e.exchange(ctx, e.plain[0], plainTarget)
-		trace, err = capture.StopAndRead()
+		var bridgeCap, vethCap *conformance.Capture
+		if bridgeCap, err = conformance.StartCapture(ctx, c.env, c.dir, "wire-bridge", c.o.netns, bridgeName, "tcp"); err == nil {
+			if vethCap, err = conformance.StartCapture(ctx, c.env, c.dir, "wire-frontend", c.o.netns, veth, "tcp"); err == nil {
+				direct = e.exchange(ctx, e.frontend, backendTarget)
+				viaService = e.exchange(ctx, e.frontend, serviceTarget)
+				plain = e.exchange(ctx, e.plain[0], plainTarget)
+				trace, err = bridgeCap.StopAndRead()
+				if err == nil {
+					podTrace, err = vethCap.StopAndRead()
+				}
+			}
+		}
 	}
 	if err != nil {
-		r.check("a-d", "traffic capture on the bridge", func() (string, error) { return "", err })
+		r.check("a-d", "traffic capture", func() (string, error) { return "", err })
 		return
 	}
 	frontendIP := netip.MustParseAddr(e.frontend.Status.PodIP)
@@ -363,7 +376,8 @@ func (e *e2e) checks(ctx context.Context) {
 		if err := viaService.err(); err != nil {
 			return "", err
 		}
-		wire, err := tlsOnly(trace.Between(frontendIP, netip.MustParseAddr(e.clusterIP)), clear, fmt.Sprintf("frontend <-> ClusterIP %s", serviceTarget))
+		wire, err := tlsOnly(podTrace.Between(frontendIP, netip.MustParseAddr(e.clusterIP)), podTrace.FlowsWithClear([]byte(e.marker)),
+			fmt.Sprintf("on the frontend's veth %s, frontend <-> ClusterIP %s", veth, serviceTarget))
 		if err != nil {
 			return "", err
 		}
@@ -445,6 +459,24 @@ func (e *e2e) checks(ctx context.Context) {
 		}
 		return ev, nil
 	})
+}
+
+// hostVeth returns the name of the node's end of the pod's eth0 (the bridge port).
+func (e *e2e) hostVeth(ctx context.Context, p corev1.Pod) (string, error) {
+	out, err := e.c.kubectl(ctx, nil, "exec", "-n", p.Namespace, p.Name, "-c", "main", "--", "/bin/busybox", "cat", "/sys/class/net/eth0/iflink")
+	if err != nil {
+		return "", err
+	}
+	idx, err := strconv.Atoi(strings.TrimSpace(out))
+	if err != nil {
+		return "", fmt.Errorf("pod %s: eth0's iflink %q: %w", p.Name, out, err)
+	}
+	// This program runs in the node's network namespace: the index is one of its interfaces.
+	ifc, err := net.InterfaceByIndex(idx)
+	if err != nil {
+		return "", fmt.Errorf("pod %s: the node's end of eth0 (index %d): %w", p.Name, idx, err)
+	}
+	return ifc.Name, nil
 }
 
 func orNone(s string) string {
