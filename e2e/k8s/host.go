@@ -22,6 +22,14 @@ import (
 // Each is moved aside before the run and moved back after it, byte for byte.
 var hostDirs = []string{"/etc/cni/net.d", "/opt/cni/bin", "/var/lib/meshless", "/var/run/meshless"}
 
+// runtimeDirs are where containerd, libcni and the kubelet create dirs whatever their
+// configuration says (shim sockets, the CNI result cache, the device plugin socket, container log
+// links). Those that did not exist before a run are removed after it.
+var runtimeDirs = []string{"/run/containerd", cniCacheDir, "/var/lib/kubelet", "/var/log/containers"}
+
+// cniCacheDir is libcni's default cache dir, which containerd 1.6 does not configure.
+const cniCacheDir = "/var/lib/cni"
+
 // kernelSysctls are the host-wide settings the kubelet rewrites at start (its "kernel
 // tunables"); the run restores them.
 var kernelSysctls = []string{
@@ -50,6 +58,8 @@ type journal struct {
 	Saved      []savedDir `json:"saved_dirs"`
 	// Sysctls holds the values before the run, by path under /proc/sys.
 	Sysctls map[string]string `json:"sysctls"`
+	// Absent lists the runtimeDirs that did not exist before the run.
+	Absent []string `json:"absent_dirs,omitempty"`
 	// RootMadeShared is set when the run made the root mount shared (and must make it private
 	// again).
 	RootMadeShared bool `json:"root_made_shared,omitempty"`
@@ -376,6 +386,11 @@ func setupHost(ctx context.Context, j *journal, conflist []byte) error {
 	if err := os.MkdirAll(j.Dir, 0o755); err != nil {
 		return err
 	}
+	for _, d := range runtimeDirs {
+		if _, err := os.Lstat(d); errors.Is(err, os.ErrNotExist) {
+			j.Absent = append(j.Absent, d)
+		}
+	}
 	j.Sysctls = map[string]string{}
 	for _, name := range kernelSysctls {
 		if v, err := readSysctl(name); err == nil {
@@ -522,12 +537,22 @@ func teardownHost(j *journal, logf func(string, ...any)) error {
 	if j.Dir != "" {
 		fail("removing container log links", removeLinksInto("/var/log/containers", j.Dir))
 	}
+	// libcni's cache of results (containerd keeps the default cache dir), by network name: ours,
+	// and containerd's own loopback network when the cache did not exist before the run (its
+	// entries are the run's; normally containerd removes them with each pod).
+	var cached []string
 	if j.NetName != "" {
-		// libcni's cache of results, by network name (containerd keeps the default cache dir).
-		matches, _ := filepath.Glob(filepath.Join("/var/lib/cni/results", j.NetName+"-*"))
-		for _, m := range matches {
-			fail("removing "+m, os.Remove(m))
-		}
+		cached, _ = filepath.Glob(filepath.Join(cniCacheDir, "results", j.NetName+"-*"))
+	}
+	if slices.Contains(j.Absent, cniCacheDir) {
+		loopback, _ := filepath.Glob(filepath.Join(cniCacheDir, "results", "cni-loopback-*"))
+		cached = append(cached, loopback...)
+	}
+	for _, m := range cached {
+		fail("removing "+m, os.Remove(m))
+	}
+	for _, d := range j.Absent {
+		fail("removing "+d, removeRuntimeTree(d))
 	}
 	if j.Netns != "" {
 		if _, err := os.Stat(j.netnsPath()); err == nil {
@@ -549,6 +574,43 @@ func teardownHost(j *journal, logf func(string, ...any)) error {
 		_ = os.Remove(filepath.Dir(journalPath)) // only when empty
 	}
 	return errors.Join(errs...)
+}
+
+// removeRuntimeTree removes a dir the run's runtime created: its sockets, links and empty dirs.
+// A regular file in it was not expected: it is left, and reported.
+func removeRuntimeTree(dir string) error {
+	var paths []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		paths = append(paths, p)
+		return nil
+	})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var kept []string
+	for i := len(paths) - 1; i >= 0; i-- {
+		fi, err := os.Lstat(paths[i])
+		if err != nil {
+			continue
+		}
+		if fi.Mode().IsRegular() {
+			kept = append(kept, paths[i])
+			continue
+		}
+		if err := os.Remove(paths[i]); err != nil && !fi.IsDir() {
+			return err
+		}
+	}
+	if len(kept) > 0 {
+		return fmt.Errorf("left files the run did not expect: %v", kept)
+	}
+	return nil
 }
 
 // removeLinksInto removes the symbolic links in dir that point below target (the kubelet's
