@@ -48,10 +48,12 @@ manifests:
 	else echo "kubectl not found: install/ is checked by its Go test only"; fi
 	$(GO) test -count=1 ./install ./hack/image
 
-# The README's test command: lint, unit tests, then the conformance suite with its report.
+# The README's test command: lint, unit tests, the conformance suite with its report, then
+# meshless on a real one-node Kubernetes (e2e-k8s).
 test: deps spire-binaries kube-binaries lint
 	$(GOTEST) $$($(GO) list ./... | grep -v '/conformance$$')
 	$(run-conformance)
+	$(MAKE) e2e-k8s
 
 # The conformance suite alone; its output is the `go test -v` log, and a report lands in $(RESULTS).
 conformance: deps kube-binaries

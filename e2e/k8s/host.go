@@ -71,6 +71,10 @@ type savedDir struct {
 	Path    string   `json:"path"`
 	Backup  string   `json:"backup,omitempty"`
 	Created []string `json:"created,omitempty"`
+	// Parent is Path's nearest existing ancestor, whose entries the run changes (renames,
+	// mkdirs); ParentMtime is its modification time before, in Unix nanoseconds.
+	Parent      string `json:"parent,omitempty"`
+	ParentMtime int64  `json:"parent_mtime,omitempty"`
 }
 
 func (j *journal) netnsPath() string { return filepath.Join(netnsDir, j.Netns) }
@@ -123,7 +127,16 @@ func lockHost() (*os.File, error) {
 
 // saveDir moves path aside (if it exists) and leaves an empty dir in its place.
 func saveDir(path string) (savedDir, error) {
-	s := savedDir{Path: path}
+	s := savedDir{Path: path, Parent: filepath.Dir(path)}
+	for s.Parent != "/" {
+		if _, err := os.Lstat(s.Parent); err == nil {
+			break
+		}
+		s.Parent = filepath.Dir(s.Parent)
+	}
+	if fi, err := os.Stat(s.Parent); err == nil {
+		s.ParentMtime = fi.ModTime().UnixNano()
+	}
 	if _, err := os.Lstat(path); err == nil {
 		s.Backup = path + backupSuffix
 		if _, err := os.Lstat(s.Backup); err == nil {
@@ -168,6 +181,10 @@ func restoreDir(s savedDir) error {
 		if err := os.Remove(d); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
+	}
+	if s.ParentMtime != 0 {
+		t := time.Unix(0, s.ParentMtime)
+		return os.Chtimes(s.Parent, t, t)
 	}
 	return nil
 }

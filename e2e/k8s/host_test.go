@@ -31,6 +31,11 @@ func TestSaveRestoreDir(t *testing.T) {
 		t.Fatal(err)
 	}
 	missing := filepath.Join(root, "opt", "cni", "bin")
+	for _, d := range []string{filepath.Join(root, "etc", "cni"), root} {
+		if err := os.Chtimes(d, old, old); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	var saved []savedDir
 	for _, d := range []string{existing, missing} {
@@ -66,6 +71,12 @@ func TestSaveRestoreDir(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(root, "opt")); !os.IsNotExist(err) {
 		t.Fatalf("created parents left behind: %v", err)
+	}
+	// The parents' times are back too (the run renamed and created entries in them).
+	for _, d := range []string{filepath.Join(root, "etc", "cni"), root} {
+		if fi, _ := os.Stat(d); !fi.ModTime().Equal(old) {
+			t.Errorf("%s: mtime %v, want %v", d, fi.ModTime(), old)
+		}
 	}
 }
 
