@@ -32,7 +32,7 @@ const (
 	statusAnnotation  = "meshless.io/status"
 	// healthWait bounds the wait for meshlessd's periodic health line (every minute by default),
 	// counted from the DaemonSet's readiness.
-	healthWait = 80 * time.Second
+	healthWait = 90 * time.Second
 	// echoBytes is each exchange's payload: several TLS records, small enough for any capture.
 	echoBytes = 65536
 )
