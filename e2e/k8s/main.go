@@ -52,6 +52,7 @@ type options struct {
 	pauseImage    string
 	workloadImage string
 	repo          string
+	timeout       time.Duration
 	// inner-only: the journal's values, passed by the outer half.
 	inner   bool
 	netns   string
@@ -67,6 +68,7 @@ func main() {
 	flag.StringVar(&o.pauseImage, "pause-image", "bin/e2e-pause.tar", "docker-archive of the sandbox image")
 	flag.StringVar(&o.workloadImage, "workload-image", "bin/e2e-workload.tar", "docker-archive of the workload image (busybox, meshless-testapp)")
 	flag.StringVar(&o.repo, "repo", ".", "the meshless repository (install/ is applied from it)")
+	flag.DurationVar(&o.timeout, "timeout", 15*time.Minute, "stop the cluster and fail when the run takes longer")
 	flag.BoolVar(&o.inner, "inner", false, "internal: run the cluster (in the namespace the outer half made)")
 	flag.StringVar(&o.netns, "netns", "", "internal")
 	flag.StringVar(&o.dir, "dir", "", "internal")
@@ -135,6 +137,8 @@ func runOuter(o options) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	defer cancel()
 
 	start := time.Now()
 	status := 1
@@ -178,7 +182,7 @@ func runInnerProcess(ctx context.Context, o options, j *journal) int {
 	case err := <-done:
 		return exitCode(err)
 	case <-ctx.Done():
-		logf("interrupted: stopping the cluster")
+		logf("%v: stopping the cluster", context.Cause(ctx))
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-done:
