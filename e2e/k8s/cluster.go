@@ -156,7 +156,8 @@ func (c *cluster) kubectl(ctx context.Context, stdin []byte, args ...string) (st
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "kubectl", args...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+c.api.Kubeconfig)
+	// The discovery and HTTP caches go to the run dir, not $HOME/.kube/cache.
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+c.api.Kubeconfig, "KUBECACHEDIR="+filepath.Join(c.dir, "kubectl-cache"))
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
 	}
