@@ -30,6 +30,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -94,7 +95,39 @@ func main() {
 	if o.inner {
 		os.Exit(runInner(o))
 	}
+	if err := preflight(o); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e-k8s:", err)
+		os.Exit(1)
+	}
 	os.Exit(runOuter(o))
+}
+
+// preflight says what is missing before anything on the host changes.
+func preflight(o options) error {
+	var missing []string
+	// kubectl is not a Debian package: these machines have it installed; the rest comes from
+	// `make e2e-k8s-deps` and `make deps`.
+	for _, cmd := range []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc", "nsenter", "ip", "tcpdump", "etcd", "kubectl", "iptables"} {
+		if _, err := exec.LookPath(cmd); err != nil {
+			missing = append(missing, cmd)
+		}
+	}
+	for _, f := range []string{
+		filepath.Join(o.kubeBin, "kube-apiserver"), filepath.Join(o.kubeBin, "kube-controller-manager"),
+		filepath.Join(o.kubeBin, "kube-scheduler"), filepath.Join(o.kubeBin, "kubelet"), filepath.Join(o.kubeBin, "kube-proxy"),
+		filepath.Join(debianCNIDir, "bridge"), filepath.Join(debianCNIDir, "host-local"),
+		filepath.Join(debianCNIDir, "loopback"), filepath.Join(debianCNIDir, "portmap"),
+		filepath.Join(o.repo, "bin", "meshlessd"), filepath.Join(o.repo, "install", "kustomization.yaml"),
+		o.meshlessImage, o.pauseImage, o.workloadImage,
+	} {
+		if _, err := os.Stat(f); err != nil {
+			missing = append(missing, f)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("missing: %s (run it through `make e2e-k8s`)", strings.Join(missing, ", "))
+	}
+	return nil
 }
 
 func randomHex(n int) string {
