@@ -336,6 +336,9 @@ func (e *e2e) checks(ctx context.Context) {
 		r.check("a-d", "traffic capture", func() (string, error) { return "", err })
 		return
 	}
+	// Strict mode's other side, observed: plaintext from a pod outside meshless to an enrolled one.
+	r.note("installed, strict: opted-out %s -> enrolled backend: %s", e.plain[0].Name, e.exchange(ctx, e.plain[0], backendTarget))
+
 	frontendIP := netip.MustParseAddr(e.frontend.Status.PodIP)
 	backendIP := netip.MustParseAddr(e.backend.Status.PodIP)
 	clear := trace.FlowsWithClear([]byte(e.marker))
@@ -576,8 +579,11 @@ func (e *e2e) uninstall(ctx context.Context) {
 
 	// What happens to the pods that were enrolled: observed, not asserted (with the daemon
 	// gone their in-pod capture rules stay, so meshless fails closed).
-	direct := e.exchange(ctx, e.frontend, fmt.Sprintf("%s:%d", e.backend.Status.PodIP, appPort))
-	r.note("after delete, enrolled frontend -> enrolled backend: %s", direct)
+	backendTarget := fmt.Sprintf("%s:%d", e.backend.Status.PodIP, appPort)
+	r.note("after delete, enrolled frontend -> enrolled backend: %s", e.exchange(ctx, e.frontend, backendTarget))
+	r.note("after delete, enrolled frontend -> ClusterIP: %s", e.exchange(ctx, e.frontend, fmt.Sprintf("%s:%d", e.clusterIP, servicePort)))
+	r.note("after delete, enrolled frontend -> opted-out %s: %s", e.plain[1].Name, e.exchange(ctx, e.frontend, fmt.Sprintf("%s:%d", e.plain[1].Status.PodIP, appPort)))
+	r.note("after delete, opted-out %s -> enrolled backend: %s", e.plain[0].Name, e.exchange(ctx, e.plain[0], backendTarget))
 	time.Sleep(8 * time.Second) // four probe periods
 	if p, err := c.client.CoreV1().Pods(appNamespace).Get(ctx, e.backend.Name, metav1.GetOptions{}); err == nil {
 		ev, perr := probeState(p)
