@@ -68,7 +68,8 @@ endef
 # plane, kubelet and kube-proxy (built once per version, like kube-apiserver) in a network
 # namespace of their own, `kubectl apply -k install/`, workloads, and the checks of issue 5
 # (see e2e/k8s). It moves /etc/cni/net.d, /opt/cni/bin and meshlessd's host dirs aside while it
-# runs and restores them after, also after a crash (on the next run).
+# runs and restores them after, also after a crash (on the next run). The report, the logs and
+# the captures are kept in results/e2e-k8s/.
 E2E_IMAGES := $(BIN)/e2e-pause.tar $(BIN)/e2e-workload.tar
 e2e-k8s: e2e-k8s-deps image
 	scripts/k8s-binaries.sh $(KUBERNETES_VERSION) kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy >/dev/null

@@ -63,11 +63,43 @@ func runInner(o options) int {
 	env.Run()
 	r.phases = append(r.phases, phaseResult{name: "cluster stop", took: time.Since(cleanupStart)})
 	r.write(os.Stdout)
+	// The run dir goes with the teardown: what explains a run is kept.
+	if err := keepArtifacts(o.dir, o.artifacts, r); err != nil {
+		logf("keeping the logs: %v", err)
+	} else {
+		logf("report, logs and captures: %s", o.artifacts)
+	}
 	if r.failed() {
-		logf("logs of the cluster's processes are in %s until the teardown removes it; rerun to inspect", o.dir)
 		return 1
 	}
 	return 0
+}
+
+// keepArtifacts replaces dst's contents with the report and the run's logs and captures.
+func keepArtifacts(runDir, dst string, r *report) error {
+	if err := os.RemoveAll(dst); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	r.write(&buf)
+	if err := os.WriteFile(filepath.Join(dst, "report.txt"), buf.Bytes(), 0o644); err != nil {
+		return err
+	}
+	var errs []error
+	for _, pattern := range []string{"*.log", "*.pcap", "kubeapi/*.log"} {
+		matches, _ := filepath.Glob(filepath.Join(runDir, pattern))
+		for _, m := range matches {
+			data, err := os.ReadFile(m)
+			if err == nil {
+				err = os.WriteFile(filepath.Join(dst, filepath.Base(m)), data, 0o644)
+			}
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // e2e is one run's state: the cluster, the report, and what the checks learn along the way.
@@ -549,6 +581,10 @@ func (e *e2e) uninstall(ctx context.Context) {
 	confPath := filepath.Join("/etc/cni/net.d", conflistName)
 	chained, _ := os.ReadFile(confPath)
 	wasChained := bytes.Contains(chained, []byte(`"meshless-cni"`))
+	// meshlessd's log goes with its namespace: keep it with the run's logs.
+	if out, err := c.kubectl(ctx, nil, "logs", "-n", meshlessNamespace, "ds/meshless", "--all-containers", "--prefix"); err == nil {
+		_ = os.WriteFile(filepath.Join(c.dir, "meshlessd.log"), []byte(out), 0o644)
+	}
 	_, delErr := c.kubectl(ctx, nil, "delete", "-k", filepath.Join(c.o.repo, "install"), "--timeout=120s")
 
 	r.check("g1", "kubectl delete -k install/ restores the original conflist byte for byte", func() (string, error) {

@@ -54,6 +54,7 @@ type options struct {
 	workloadImage string
 	repo          string
 	timeout       time.Duration
+	artifacts     string
 	// inner-only: the journal's values, passed by the outer half.
 	inner   bool
 	netns   string
@@ -69,6 +70,7 @@ func main() {
 	flag.StringVar(&o.pauseImage, "pause-image", "bin/e2e-pause.tar", "docker-archive of the sandbox image")
 	flag.StringVar(&o.workloadImage, "workload-image", "bin/e2e-workload.tar", "docker-archive of the workload image (busybox, meshless-testapp)")
 	flag.StringVar(&o.repo, "repo", ".", "the meshless repository (install/ is applied from it)")
+	flag.StringVar(&o.artifacts, "artifacts", "results/e2e-k8s", "where the report, the cluster's logs and the captures are kept (replaced by each run)")
 	flag.DurationVar(&o.timeout, "timeout", 15*time.Minute, "stop the cluster and fail when the run takes longer")
 	flag.BoolVar(&o.inner, "inner", false, "internal: run the cluster (in the namespace the outer half made)")
 	flag.StringVar(&o.netns, "netns", "", "internal")
@@ -84,7 +86,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "e2e-k8s: -kubernetes-bin (or $MESHLESS_KUBERNETES_BIN) is required")
 		os.Exit(2)
 	}
-	for _, p := range []*string{&o.kubeBin, &o.meshlessImage, &o.pauseImage, &o.workloadImage, &o.repo} {
+	for _, p := range []*string{&o.kubeBin, &o.meshlessImage, &o.pauseImage, &o.workloadImage, &o.repo, &o.artifacts} {
 		abs, err := filepath.Abs(*p)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "e2e-k8s:", err)
@@ -202,7 +204,7 @@ func runInnerProcess(ctx context.Context, o options, j *journal) int {
 	args := []string{"--net=" + j.netnsPath(), "--", exe, "-inner",
 		"-netns", j.Netns, "-dir", j.Dir, "-cgroup-root", j.CgroupRoot, "-cni-network", j.NetName,
 		"-kubernetes-bin", o.kubeBin, "-meshless-image", o.meshlessImage, "-pause-image", o.pauseImage,
-		"-workload-image", o.workloadImage, "-repo", o.repo}
+		"-workload-image", o.workloadImage, "-repo", o.repo, "-artifacts", o.artifacts}
 	cmd := exec.Command("nsenter", args...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
