@@ -164,7 +164,7 @@ func TestBridgeConflist(t *testing.T) {
 func TestWorkloadsManifest(t *testing.T) {
 	sas := map[string]string{}
 	var annotations map[string]string
-	for _, doc := range bytes.Split(bytes.Join([][]byte{workloadsManifest(), afterManifest()}, []byte("\n---\n")), []byte("\n---\n")) {
+	for _, doc := range bytes.Split(bytes.Join([][]byte{earlyManifest(), workloadsManifest(), afterManifest()}, []byte("\n---\n")), []byte("\n---\n")) {
 		var head struct{ Kind string }
 		if err := yaml.Unmarshal(doc, &head); err != nil {
 			t.Fatal(err)
@@ -181,7 +181,7 @@ func TestWorkloadsManifest(t *testing.T) {
 			annotations = d.Spec.Template.Annotations
 		}
 	}
-	if sas["frontend"] != "frontend" || sas["backend"] != "backend" || len(sas) != 4 {
+	if sas["frontend"] != "frontend" || sas["backend"] != "backend" || sas["early"] != "early" || len(sas) != 5 {
 		t.Fatalf("service accounts %v", sas)
 	}
 	if annotations["meshless.io/inject"] != "false" {

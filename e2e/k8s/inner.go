@@ -112,6 +112,7 @@ type e2e struct {
 	dsReady      time.Time
 	frontend     corev1.Pod
 	backend      corev1.Pod
+	early        corev1.Pod
 	plain        []corev1.Pod
 	clusterIP    string
 }
@@ -130,6 +131,7 @@ func (e *e2e) run(ctx context.Context) {
 		{"containerd + images", c.startContainerd},
 		{"control plane", c.startControlPlane},
 		{"node", c.startNode},
+		{"pod before install", e.deployEarly},
 		{"meshless install", e.install},
 		{"workloads", e.deploy},
 	} {
@@ -193,6 +195,19 @@ func (e *e2e) install(ctx context.Context) error {
 	}
 	e.dsReady = time.Now()
 	return nil
+}
+
+// deployEarly starts a pod before meshless is there, through the bridge plugin alone.
+func (e *e2e) deployEarly(ctx context.Context) error {
+	if _, err := e.c.kubectl(ctx, earlyManifest(), "apply", "-f", "-"); err != nil {
+		return err
+	}
+	if _, err := e.c.kubectl(ctx, nil, "rollout", "status", "-n", appNamespace, "deploy/early", "--timeout=150s"); err != nil {
+		return err
+	}
+	var err error
+	e.early, err = e.onePod(ctx, "early")
+	return err
 }
 
 func (e *e2e) deploy(ctx context.Context) error {
@@ -347,7 +362,7 @@ func (e *e2e) checks(ctx context.Context) {
 	// Two captures: the bridge sees every packet between pods, but only after kube-proxy's DNAT
 	// (br_netfilter runs it as the frame enters the bridge); the frontend's veth sees its
 	// packets as the pod sent them, to the ClusterIP.
-	var direct, viaService, plain exchangeResult
+	var direct, viaService, plain, toEarly exchangeResult
 	var trace, podTrace *conformance.Trace
 	veth, err := e.hostVeth(ctx, e.frontend)
 	if err == nil {
@@ -357,6 +372,7 @@ func (e *e2e) checks(ctx context.Context) {
 				direct = e.exchange(ctx, e.frontend, backendTarget)
 				viaService = e.exchange(ctx, e.frontend, serviceTarget)
 				plain = e.exchange(ctx, e.plain[0], plainTarget)
+				toEarly = e.exchangeWhenEnrolled(ctx, e.frontend, e.early)
 				trace, err = bridgeCap.StopAndRead()
 				if err == nil {
 					podTrace, err = vethCap.StopAndRead()
@@ -457,6 +473,28 @@ func (e *e2e) checks(ctx context.Context) {
 		return strings.Join(ev, "; ") + fmt.Sprintf("; %s -> %s: %s; marker in clear on the wire: %s", a, b, plain, strings.Join(inClear, ", ")), nil
 	})
 
+	r.check("h", "a pod that ran before meshless was installed is adopted: enrolled, mTLS, its own SPIFFE ID", func() (string, error) {
+		if got := e.annotation(ctx, e.early); got != "enrolled" {
+			return "", fmt.Errorf("pod %s: %s=%q, want \"enrolled\"", e.early.Name, statusAnnotation, got)
+		}
+		if err := toEarly.err(); err != nil {
+			return "", err
+		}
+		earlyIP := netip.MustParseAddr(e.early.Status.PodIP)
+		wire, err := tlsOnly(trace.Between(frontendIP, earlyIP), clear, fmt.Sprintf("frontend <-> early %s", earlyIP))
+		if err != nil {
+			return "", err
+		}
+		target := fmt.Sprintf("%s:%d", earlyIP, appPort)
+		for _, l := range lines {
+			if l.Msg == "connection" && l.Direction == "outbound" && l.Dst == target && l.MTLS && l.Result == "ok" && l.PeerID == spiffeID(e.early) {
+				return fmt.Sprintf("pod %s started %s, before the DaemonSet; %s=enrolled; %s; meshlessd: %s",
+					e.early.Name, e.early.Status.StartTime.Format(time.RFC3339), statusAnnotation, wire, l.raw), nil
+			}
+		}
+		return "", fmt.Errorf("%s; but meshlessd logged no mTLS connection to %s with peer_id %s", wire, target, spiffeID(e.early))
+	})
+
 	r.check("e", "HTTP liveness/readiness probes pass in strict mode", func() (string, error) {
 		mode, err := c.kubectl(ctx, nil, "get", "configmap", "-n", meshlessNamespace, "meshless-config", "-o", "jsonpath={.data.mode}")
 		if err != nil {
@@ -495,6 +533,23 @@ func (e *e2e) checks(ctx context.Context) {
 		}
 		return ev, nil
 	})
+}
+
+// adoptWait bounds the wait for a pod that ran before the install to be enrolled: the daemon
+// looks for such pods at start and then every 30s (--adopt-interval).
+const adoptWait = 75 * time.Second
+
+// exchangeWhenEnrolled waits until pod p is annotated enrolled, then runs an exchange from
+// client to it. Before enrollment the exchange could pass in plaintext, which proves nothing.
+func (e *e2e) exchangeWhenEnrolled(ctx context.Context, client, p corev1.Pod) exchangeResult {
+	target := fmt.Sprintf("%s:%d", p.Status.PodIP, appPort)
+	err := poll(ctx, "pod "+p.Name+" enrolled", adoptWait, nil, func() (bool, error) {
+		return e.annotation(ctx, p) == "enrolled", nil
+	})
+	if err != nil {
+		return exchangeResult{Target: target, Error: err.Error()}
+	}
+	return e.exchange(ctx, client, target)
 }
 
 // hostVeth returns the name of the node's end of the pod's eth0 (the bridge port).

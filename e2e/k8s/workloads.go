@@ -106,6 +106,43 @@ spec:
 		workloadImageRef, servicePort, appPort)
 }
 
+// earlyManifest is a Deployment that runs before meshless is installed, with a service account
+// of its own: meshlessd must adopt its pod without a restart.
+func earlyManifest() []byte {
+	return fmt.Appendf(nil, `apiVersion: v1
+kind: Namespace
+metadata:
+  name: %[1]s
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: early
+  namespace: %[1]s
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: early
+  namespace: %[1]s
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: early}
+  template:
+    metadata:
+      labels: {app: early}
+    spec:
+      serviceAccountName: early
+      terminationGracePeriodSeconds: 2
+      containers:
+        - name: main
+          image: %[2]s
+          imagePullPolicy: Never
+          command: [%[3]q, server, -listen, ":%[4]d"]
+`, appNamespace, workloadImageRef, testapp, appPort)
+}
+
 // afterManifest is a Deployment created after meshless is uninstalled.
 func afterManifest() []byte {
 	return fmt.Appendf(nil, `apiVersion: apps/v1
