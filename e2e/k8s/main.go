@@ -129,6 +129,11 @@ func preflight(o options) error {
 	if len(missing) > 0 {
 		return fmt.Errorf("missing: %s (run it through `make e2e-k8s`)", strings.Join(missing, ", "))
 	}
+	// Pods on one bridge reach each other through a ClusterIP only if the bridge hands its
+	// frames to iptables: without it the DNATed reply skips conntrack's un-DNAT.
+	if _, err := os.Stat("/proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
+		return fmt.Errorf("br_netfilter is not loaded (modprobe br_netfilter): kube-proxy's ClusterIPs need it: %w", err)
+	}
 	return nil
 }
 
