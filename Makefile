@@ -18,7 +18,13 @@ export MESHLESS_KUBERNETES_BIN ?= $(or $(MESHLESS_CACHE),/var/cache/meshless)/ku
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all build image manifests test conformance e2e-k8s e2e-k8s-deps demo lint deps spire-binaries kube-binaries clean clean-netns
+# `make bench`: the benchmark of issue 6 (bench/cmd/bench). BENCH_FLAGS=-quick for a short run.
+BENCH_RESULTS ?= results/bench
+BENCH_FLAGS   ?=
+# The version of hey (github.com/rakyll/hey) that scripts/bench-deps.sh builds into its cache.
+HEY_VERSION   ?= v0.1.5
+
+.PHONY: all build image manifests test conformance e2e-k8s e2e-k8s-deps demo bench bench-deps lint deps spire-binaries kube-binaries clean clean-netns
 
 all: build
 
@@ -50,7 +56,7 @@ manifests:
 
 # The README's test command: lint, unit tests, the conformance suite with its report, then
 # meshless on a real one-node Kubernetes (e2e-k8s).
-test: deps spire-binaries kube-binaries lint
+test: deps bench-deps spire-binaries kube-binaries lint
 	$(GOTEST) $$($(GO) list ./... | grep -v '/conformance$$')
 	$(run-conformance)
 	$(MAKE) e2e-k8s
@@ -91,6 +97,18 @@ e2e-k8s-deps:
 demo: deps
 	$(GO) run ./conformance/cmd/demo
 
+# Medians of interleaved runs of plaintext, meshless, stunnel4 and haproxy, then meshless alone;
+# prints the table and writes $(BENCH_RESULTS)/bench.json and bench.md. About 12 minutes, or 3
+# with BENCH_FLAGS=-quick.
+bench:
+	@hey=$$(scripts/bench-deps.sh $(HEY_VERSION)) && \
+	$(GO) build -o $(BIN)/bench ./bench/cmd/bench && \
+	$(BIN)/bench -hey "$$hey" -out $(BENCH_RESULTS) $(BENCH_FLAGS)
+
+# stunnel4, haproxy, iperf3, wrk, nginx (apt) and hey (built once per version into the cache).
+bench-deps:
+	scripts/bench-deps.sh $(HEY_VERSION) >/dev/null
+
 lint:
 	@unformatted=$$(gofmt -l .); \
 	if [ -n "$$unformatted" ]; then echo "gofmt -l reports:"; echo "$$unformatted"; exit 1; fi
@@ -108,7 +126,7 @@ kube-binaries:
 	scripts/k8s-binaries.sh $(KUBERNETES_VERSION) kube-apiserver >/dev/null
 
 clean:
-	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report $(BIN)/meshless-image.tar \
+	rm -f $(BIN)/meshless-cni $(BIN)/meshlessd $(BIN)/conformance-report $(BIN)/meshless-image.tar $(BIN)/bench \
 		$(BIN)/e2e-k8s $(BIN)/e2e-pause $(BIN)/meshless-testapp $(E2E_IMAGES)
 
 # After an interrupted run (a killed `go test` cannot clean up): remove leftover namespaces.

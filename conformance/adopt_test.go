@@ -51,26 +51,7 @@ func TestAdoptRunningPods(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := api.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	for _, sa := range []string{"old-client", "server"} {
-		if _, err := api.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	apiPod := func(name, sa string) *corev1.Pod {
-		t.Helper()
-		p, err := api.Client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: name},
-			Spec: corev1.PodSpec{NodeName: nodeName, ServiceAccountName: sa,
-				Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/app:1"}}},
-		}, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
+	createNamespace(t, ctx, api, ns, "old-client", "server")
 	// running marks the pod running with its IPs, as the kubelet reports it.
 	running := func(created *corev1.Pod, ips []netip.Addr) {
 		t.Helper()
@@ -94,7 +75,7 @@ func TestAdoptRunningPods(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	running(apiPod("old", "old-client"), old.IPs())
+	running(createAPIPod(t, ctx, api, ns, "old", nodeName, "old-client"), old.IPs())
 	if _, err := node.WaitLog(ctx, "msg", "pods running without meshless wait for the CNI chain"); err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +93,7 @@ func TestAdoptRunningPods(t *testing.T) {
 	if _, err := node.WaitLog(waitCtx, "msg", "running pod adopted", "pod", "old", "namespace", ns); err != nil {
 		t.Fatal(err)
 	}
-	srvAPI := apiPod("server", "server")
+	srvAPI := createAPIPod(t, ctx, api, ns, "server", nodeName, "server")
 	server, err := node.AddPod(ctx, conformance.PodConfig{Namespace: ns, Name: "server", UID: string(srvAPI.UID)})
 	if err != nil {
 		t.Fatal(err)

@@ -53,29 +53,10 @@ func TestKubernetesServiceAccounts(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if _, err := api.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: kubeNS}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	for _, sa := range []string{"buyer", "seller", "elsewhere"} {
-		if _, err := api.Client.CoreV1().ServiceAccounts(kubeNS).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	apiPod := func(name, node, sa string) *corev1.Pod {
-		t.Helper()
-		p, err := api.Client.CoreV1().Pods(kubeNS).Create(ctx, &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: name},
-			Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
-				Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/app:1"}}},
-		}, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	buyer := apiPod("client", nodeName, "buyer")
-	seller := apiPod("server", nodeName, "seller")
-	other := apiPod("visitor", "kube-node-2", "elsewhere")
+	createNamespace(t, ctx, api, kubeNS, "buyer", "seller", "elsewhere")
+	buyer := createAPIPod(t, ctx, api, kubeNS, "client", nodeName, "buyer")
+	seller := createAPIPod(t, ctx, api, kubeNS, "server", nodeName, "seller")
+	other := createAPIPod(t, ctx, api, kubeNS, "visitor", "kube-node-2", "elsewhere")
 
 	// The runtime's CNI ADD carries the pod's namespace, name and UID, as containerd's does.
 	cliPod, err := node.AddPod(ctx, conformance.PodConfig{Namespace: kubeNS, Name: "client", UID: string(buyer.UID)})
@@ -131,6 +112,33 @@ func TestKubernetesServiceAccounts(t *testing.T) {
 			}
 		})
 	}
+}
+
+// createNamespace creates a namespace with service accounts (no controller manager creates them).
+func createNamespace(t *testing.T, ctx context.Context, api *kubeapi.Server, ns string, accounts ...string) {
+	t.Helper()
+	if _, err := api.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, sa := range accounts {
+		if _, err := api.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// createAPIPod creates a pod bound to node, as the scheduler would.
+func createAPIPod(t *testing.T, ctx context.Context, api *kubeapi.Server, ns, name, node, sa string) *corev1.Pod {
+	t.Helper()
+	p, err := api.Client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
+			Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/app:1"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // daemonKubeconfig gives meshlessd its user (allowed what install/rbac.yaml allows on pods: read

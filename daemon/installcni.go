@@ -19,6 +19,7 @@ import (
 
 	"github.com/meshless/meshless/pkg/cniconf"
 	"github.com/meshless/meshless/pkg/enroll"
+	"github.com/meshless/meshless/pkg/kube"
 )
 
 // installCNICmd is `meshlessd install-cni`: the DaemonSet's install step (and, with --watch,
@@ -35,6 +36,7 @@ type installCNIFlags struct {
 	interval                time.Duration
 	logLevel                string
 	entry                   cniconf.Entry
+	onStop                  uninstallFlags
 }
 
 func parseInstallCNIFlags(args []string) (*installCNIFlags, error) {
@@ -47,6 +49,7 @@ func parseInstallCNIFlags(args []string) (*installCNIFlags, error) {
 	fs.BoolVar(&f.uninstall, "uninstall", false, "remove our conflist entry and our binary, then exit")
 	fs.DurationVar(&f.interval, "interval", cniconf.DefaultInterval, "with --watch: how often to look at the conf dir")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.onStop.register(fs, "with --watch: remove our conflist entry and our binary on the way out")
 	socket := fs.String("socket", enroll.DefaultSocket, "plugin config socketPath: the daemon's enrollment socket")
 	inPorts := fs.String("exclude-inbound-ports", "", "plugin config excludeInboundPorts: comma-separated ports")
 	outPorts := fs.String("exclude-outbound-ports", "", "plugin config excludeOutboundPorts: comma-separated ports")
@@ -57,6 +60,9 @@ func parseInstallCNIFlags(args []string) (*installCNIFlags, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if err := f.onStop.validate(); err != nil {
+		return nil, err
 	}
 	if f.binDir == "" || f.confDir == "" {
 		return nil, errors.New("--cni-bin-dir and --cni-conf-dir must not be empty")
@@ -138,7 +144,7 @@ func installCNI(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	if f.uninstall {
-		return uninstallCNI(log, f.confDir, f.binDir)
+		return uninstallCNI(f, log)
 	}
 
 	dst, copied, err := installPluginBinary(f.plugin, f.binDir)
@@ -169,21 +175,29 @@ func installCNI(ctx context.Context, args []string, stdout io.Writer) error {
 	if !errors.Is(err, context.Canceled) {
 		return err
 	}
-	// SIGTERM: the DaemonSet's pod is going away (kubectl delete, or a rolling update whose new
-	// pod installs again). A chain left behind would make every new pod's CNI ADD fail against a
-	// daemon that is gone, so the node goes back to its primary CNI alone.
-	log.Info("stopped watching the CNI conf dir; uninstalling")
-	return uninstallCNI(log, f.confDir, f.binDir)
+	log.Info("stopped watching the CNI conf dir")
+	if f.onStop.onDelete {
+		client, err := kube.NewClient("")
+		if err != nil {
+			log.Warn("cannot tell whether meshless is being removed; leaving the chain in place", "reason", err)
+			return nil
+		}
+		if f.onStop.removal(client, log) {
+			log.Info("meshless is being removed: unchaining meshless-cni")
+			return uninstallCNI(f, log)
+		}
+	}
+	return nil
 }
 
-// uninstallCNI removes our entry from the primary conflist and our binary from binDir.
-func uninstallCNI(log *slog.Logger, confDir, binDir string) error {
-	res, err := cniconf.Uninstall(confDir)
+// uninstallCNI removes our conflist entry and our binary.
+func uninstallCNI(f *installCNIFlags, log *slog.Logger) error {
+	res, err := cniconf.Uninstall(f.confDir)
 	if err != nil {
 		return err
 	}
 	log.Info("cni conf", "action", res.Action, "file", res.File, "from", res.From)
-	bin := filepath.Join(binDir, cniconf.PluginType)
+	bin := filepath.Join(f.binDir, cniconf.PluginType)
 	switch err := os.Remove(bin); {
 	case err == nil:
 		log.Info("cni plugin binary removed", "path", bin)

@@ -181,13 +181,6 @@ func TestInstallCNIWatch(t *testing.T) {
 	if !strings.Contains(logs.String(), "stopped watching") {
 		t.Fatalf("logs:\n%s", logs.String())
 	}
-	// Stopping uninstalls: the primary CNI's file as it wrote it, and no binary of ours.
-	if b, _ := os.ReadFile(conflist); !bytes.Equal(b, orig) {
-		t.Fatalf("after stop the conflist is:\n%s", b)
-	}
-	if _, err := os.Stat(filepath.Join(h.bin, "meshless-cni")); !os.IsNotExist(err) {
-		t.Fatalf("binary still there after stop: %v", err)
-	}
 }
 
 func TestInstallCNIFlagErrors(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"time"
 
+	"k8s.io/client-go/rest"
 	"k8s.io/klog/v2"
 
 	"github.com/meshless/meshless/pkg/agent"
@@ -43,6 +44,7 @@ func (k *kubeFlags) validate(workloads string) error {
 // kubeView is the daemon's view of the Kubernetes API: the watch of this node's pods and the
 // writer of their status annotation. Both are nil outside Kubernetes.
 type kubeView struct {
+	client rest.Interface
 	pods   *kube.Pods
 	status *kube.StatusWriter
 }
@@ -92,5 +94,5 @@ func podDirectory(f *runFlags, log *slog.Logger) (agent.Directory, kubeView, err
 		from = "in-cluster"
 	}
 	log.Info("pods' service accounts and annotations from the Kubernetes API", "node", f.node, "kubeconfig", from, "pod_wait", f.kube.podWait.String())
-	return pods, kubeView{pods: pods, status: kube.NewStatusWriter(client, agent.AnnotationStatus, log)}, nil
+	return pods, kubeView{client: client, pods: pods, status: kube.NewStatusWriter(client, agent.AnnotationStatus, log)}, nil
 }

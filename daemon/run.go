@@ -43,6 +43,7 @@ type runFlags struct {
 	excludedNS   []string
 	healthEvery  time.Duration
 	adopt        adoptFlags
+	uninstall    uninstallFlags
 	tls          tlsFlags
 	kube         kubeFlags
 	identity     identityFlags
@@ -89,6 +90,7 @@ func parseRunFlags(args []string) (*runFlags, error) {
 	excluded := fs.String("excluded-namespaces", "kube-system", "comma-separated namespaces whose pods are never enrolled")
 	fs.DurationVar(&f.healthEvery, "health-interval", time.Minute, "how often to log the one-line health summary (0: never)")
 	f.adopt.register(fs)
+	f.uninstall.register(fs, "release every pod (remove its capture rules, forget it) instead of leaving it to the next daemon")
 	f.tls.register(fs)
 	f.kube.register(fs)
 	f.identity.register(fs)
@@ -109,6 +111,9 @@ func parseRunFlags(args []string) (*runFlags, error) {
 		if err := enroll.ValidateNamespace(ns); err != nil {
 			return nil, fmt.Errorf("--excluded-namespaces: %w", err)
 		}
+	}
+	if err := f.uninstall.validate(); err != nil {
+		return nil, err
 	}
 	if err := f.adopt.validate(); err != nil {
 		return nil, err
@@ -270,6 +275,11 @@ func runCmd(args []string, stdout io.Writer) error {
 
 	select {
 	case <-ctx.Done():
+		if f.uninstall.onDelete && kv.client != nil && f.uninstall.removal(kv.client, log) {
+			released, err := ag.Uninstall()
+			log.Info("meshless is being removed: pods released, their traffic is no longer captured", "pods_released", released)
+			return err
+		}
 		log.Info("meshlessd stopping; enrolled pods keep their records and refuse traffic until it is back")
 		return nil
 	case err := <-errc:

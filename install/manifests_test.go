@@ -163,6 +163,10 @@ func TestRBAC(t *testing.T) {
 	if !slices.Contains(verbs("", "events"), "create") {
 		t.Error("ClusterRole lacks events create")
 	}
+	// What a stopping pod reads to tell `kubectl delete -k` from a restart.
+	if !slices.Contains(verbs("", "namespaces"), "get") || !slices.Contains(verbs("apps", "daemonsets"), "get") {
+		t.Error("ClusterRole lacks namespaces get or daemonsets get")
+	}
 	for _, r := range role.Rules {
 		for _, v := range r.Verbs {
 			if v == "*" || slices.Contains([]string{"delete", "deletecollection", "update", "create"}, v) && slices.Contains(r.Resources, "pods") {
@@ -261,7 +265,7 @@ func TestDaemonSet(t *testing.T) {
 	if !ok {
 		t.Fatal("no install-cni-watch container")
 	}
-	wantArgs(t, watch, "install-cni", "--watch", "--cni-bin-dir=/host/opt/cni/bin", "--cni-conf-dir=/host/etc/cni/net.d")
+	wantArgs(t, watch, "install-cni", "--watch", "--cni-bin-dir=/host/opt/cni/bin", "--cni-conf-dir=/host/etc/cni/net.d", "--uninstall-on-delete")
 	for _, c := range []corev1.Container{install, watch} {
 		wantMount(t, spec, c, "/host/opt/cni/bin", "/opt/cni/bin", "")
 		wantMount(t, spec, c, "/host/etc/cni/net.d", "/etc/cni/net.d", "")
@@ -272,7 +276,16 @@ func TestDaemonSet(t *testing.T) {
 		t.Fatal("no meshlessd container")
 	}
 	wantArgs(t, d, "run", "--node-name=$(NODE_NAME)", "--ca-dir=/etc/meshless/ca", "--state-dir=/var/lib/meshless",
-		"--socket=/var/run/meshless/cni.sock", "--health-addr=$(HOST_IP):15021")
+		"--socket=/var/run/meshless/cni.sock", "--health-addr=$(HOST_IP):15021", "--uninstall-on-delete",
+		"--excluded-namespaces=$(MESHLESS_EXCLUDED_NAMESPACES)", "--cni-conf-dir=/host/etc/cni/net.d", "--cni-bin-dir=/host/opt/cni/bin")
+	// Both containers that act on `kubectl delete -k` look up their own namespace.
+	for _, c := range []corev1.Container{watch, d} {
+		if !slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
+			return e.Name == "POD_NAMESPACE" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace"
+		}) {
+			t.Errorf("container %s: POD_NAMESPACE must come from metadata.namespace", c.Name)
+		}
+	}
 	if slices.ContainsFunc(d.Args, func(a string) bool { return strings.HasPrefix(a, "--kubeconfig") }) {
 		t.Error("meshlessd must use the in-cluster configuration")
 	}

@@ -22,11 +22,11 @@ import (
 // the enrollment is withdrawn and ADD fails, so that no pod is left half wired.
 func cmdAdd(args *skel.CmdArgs) error {
 	ctx := context.Background()
-	at, err := prepare(ctx, args)
+	at, err := prepare(args)
 	if err != nil {
 		return err
 	}
-	conf, pod, id, client, cc := at.conf, at.pod, at.id, at.client, at.capture
+	conf, pod, id, client := at.conf, at.pod, at.id, at.client
 	log := conf.logger("ADD").With("namespace", pod.Namespace, "pod", pod.Name, "container", pod.ContainerID, "netns", pod.Netns)
 	if id.Fallback {
 		log.Warn("CNI_ARGS has no K8S_POD_NAMESPACE/K8S_POD_NAME (not run by Kubernetes?); enrolling the pod under a name made from its container ID")
@@ -39,8 +39,12 @@ func cmdAdd(args *skel.CmdArgs) error {
 		log.Info("pod skipped by meshlessd; its traffic is left alone", "reason", e.Skipped)
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	}
-	log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
-	if err := capture.Apply(pod.Netns, cc); err != nil {
+	cc, err := at.capture(e)
+	if err == nil {
+		log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
+		err = capture.Apply(pod.Netns, cc)
+	}
+	if err != nil {
 		if rerr := client.Remove(ctx, pod.ContainerID); rerr != nil {
 			log.Error("withdrawing the enrollment failed", "reason", rerr)
 			err = fmt.Errorf("%w (withdrawing the enrollment also failed: %v)", err, rerr)
@@ -77,11 +81,11 @@ func cmdDel(args *skel.CmdArgs) error {
 // the capture rules are complete; a pod the daemon skipped has nothing to verify.
 func cmdCheck(args *skel.CmdArgs) error {
 	ctx := context.Background()
-	at, err := prepare(ctx, args)
+	at, err := prepare(args)
 	if err != nil {
 		return err
 	}
-	conf, pod, client, cc := at.conf, at.pod, at.client, at.capture
+	conf, pod, client := at.conf, at.pod, at.client
 	e, err := client.Get(ctx, pod.ContainerID)
 	switch {
 	case errors.Is(err, enroll.ErrNotFound):
@@ -97,6 +101,10 @@ func cmdCheck(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrInternal,
 			fmt.Sprintf("pod %s/%s (container %s) is enrolled with IPs %v but prevResult gives it %v; re-create the pod",
 				pod.Namespace, pod.Name, pod.ContainerID, e.Pod.IPs, pod.IPs), "")
+	}
+	cc, err := at.capture(e)
+	if err != nil {
+		return err
 	}
 	if err := capture.Check(pod.Netns, cc); err != nil {
 		return types.NewError(types.ErrInternal,
@@ -150,18 +158,16 @@ func cmdStatus(args *skel.CmdArgs) error {
 }
 
 // attachment is what ADD and CHECK both start from: the pod as prevResult and CNI_ARGS describe
-// it, the daemon serving the node, and the capture the pod must have.
+// it, and the daemon serving the node.
 type attachment struct {
-	conf    *Config
-	pod     enroll.Pod
-	id      podIdentity
-	client  *enroll.Client
-	capture capture.Config
+	conf   *Config
+	pod    enroll.Pod
+	id     podIdentity
+	client *enroll.Client
 }
 
-// prepare parses the configuration and the pod, asks the daemon whether it is ready and which
-// iptables backend the node uses, and builds the pod's capture configuration.
-func prepare(ctx context.Context, args *skel.CmdArgs) (*attachment, error) {
+// prepare parses the configuration and the pod.
+func prepare(args *skel.CmdArgs) (*attachment, error) {
 	conf, err := parseConfig(args.StdinData)
 	if err != nil {
 		return nil, err
@@ -174,16 +180,18 @@ func prepare(ctx context.Context, args *skel.CmdArgs) (*attachment, error) {
 	if err != nil {
 		return nil, err
 	}
-	client := enroll.NewClient(conf.SocketPath)
-	backend, err := readyBackend(ctx, client)
-	if err != nil {
-		return nil, err
+	return &attachment{conf: conf, pod: pod, id: id, client: enroll.NewClient(conf.SocketPath)}, nil
+}
+
+// capture is the pod's capture in the iptables backend the daemon reports for the node.
+func (at *attachment) capture(e enroll.Enrollment) (capture.Config, error) {
+	b := capture.Backend(e.Backend)
+	if b != capture.Legacy && b != capture.NFT {
+		return capture.Config{}, types.NewError(types.ErrInternal,
+			fmt.Sprintf("meshlessd at %s reports iptables backend %q, want %q or %q (are meshless-cni and meshlessd the same version?)",
+				at.client.Socket(), e.Backend, capture.Legacy, capture.NFT), "")
 	}
-	cc, err := captureConfig(conf, backend, pod.IPs)
-	if err != nil {
-		return nil, err
-	}
-	return &attachment{conf: conf, pod: pod, id: id, client: client, capture: cc}, nil
+	return captureConfig(at.conf, b, at.pod.IPs)
 }
 
 // podFromArgs assembles the pod the runtime is wiring and validates it before anything is touched.

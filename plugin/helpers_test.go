@@ -216,7 +216,7 @@ func (d *fakeDaemon) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment,
 		return enroll.Enrollment{}, d.enrollErr
 	}
 	d.pods[p.ContainerID] = p
-	return enroll.Enrollment{Pod: p, SPIFFEID: "spiffe://cluster.local/ns/" + p.Namespace + "/sa/default", EnrolledAt: time.Now()}, nil
+	return enroll.Enrollment{Pod: p, SPIFFEID: "spiffe://cluster.local/ns/" + p.Namespace + "/sa/default", EnrolledAt: time.Now(), Backend: d.status.Backend}, nil
 }
 
 func (d *fakeDaemon) Remove(_ context.Context, id string) error {
@@ -234,7 +234,7 @@ func (d *fakeDaemon) Get(_ context.Context, id string) (enroll.Enrollment, error
 	if !ok {
 		return enroll.Enrollment{}, fmt.Errorf("container %s: %w", id, enroll.ErrNotFound)
 	}
-	return enroll.Enrollment{Pod: p}, nil
+	return enroll.Enrollment{Pod: p, Backend: d.status.Backend}, nil
 }
 
 func (d *fakeDaemon) GC(_ context.Context, keep []string) ([]string, error) {
@@ -262,6 +262,13 @@ func (d *fakeDaemon) pod(id string) (enroll.Pod, bool) {
 	defer d.mu.Unlock()
 	p, ok := d.pods[id]
 	return p, ok
+}
+
+// removed returns the container IDs the daemon was told to remove, in order.
+func (d *fakeDaemon) removed() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.removes)
 }
 
 // missingSocket is a socket path where nothing listens.

@@ -220,7 +220,29 @@ func TestAddDaemonDown(t *testing.T) {
 	})
 }
 
-// TestAddEnrollFails: when the daemon refuses the pod after the rules went in, they come out again.
+// TestAddCaptureFails: when the rules cannot go in after the daemon enrolled the pod, the
+// enrollment is withdrawn and ADD fails: no pod is left enrolled without capture.
+func TestAddCaptureFails(t *testing.T) {
+	needRoot(t)
+	d := startDaemon(t, "iptables-of-the-future")
+	name, path := podNetns(t)
+	e := run(t, invocation{command: "ADD", containerID: "c0ffee02", netns: path, ifName: "eth0", args: k8sArgs,
+		stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))}).cniError(t)
+	if e.Code != types.ErrInternal || !strings.Contains(e.Msg, "iptables-of-the-future") {
+		t.Errorf("error = %+v", e)
+	}
+	if _, ok := d.pod("c0ffee02"); ok {
+		t.Error("the pod is still enrolled after its capture failed")
+	}
+	if !slices.Contains(d.removed(), "c0ffee02") {
+		t.Errorf("the plugin did not withdraw the enrollment (removes: %v)", d.removed())
+	}
+	if left := meshlessState(t, name); len(left) > 0 {
+		t.Errorf("rules left in the netns: %q", left)
+	}
+}
+
+// TestAddEnrollFails: when the daemon refuses the pod, no rules go in.
 func TestAddEnrollFails(t *testing.T) {
 	needRoot(t)
 	for _, backend := range backends(t) {

@@ -18,4 +18,4 @@ ip netns list | awk '{print $1}' | grep -E "$prefixes" | while read -r ns; do
 	ip netns del "$ns"
 done
 tmp=${TMPDIR:-/tmp}
-rm -rf "$tmp"/meshless-conformance-* "$tmp"/meshless-bin-* "$tmp"/meshless-demo-bin-* "$tmp"/mlspire-*
+rm -rf "$tmp"/meshless-conformance-* "$tmp"/meshless-bin-* "$tmp"/meshless-demo-bin-* "$tmp"/meshless-bench-bin-* "$tmp"/mlspire-*

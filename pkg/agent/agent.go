@@ -140,6 +140,7 @@ func (a *Agent) Enroll(ctx context.Context, p enroll.Pod) (enroll.Enrollment, er
 		return enroll.Enrollment{}, err
 	}
 	a.report(e)
+	e.Backend = string(a.cfg.Backend)
 	return e, nil
 }
 
@@ -275,7 +276,9 @@ func (a *Agent) Get(_ context.Context, containerID string) (enroll.Enrollment, e
 	if !ok {
 		return enroll.Enrollment{}, fmt.Errorf("container %s: %w", containerID, enroll.ErrNotFound)
 	}
-	return pd.rec.Enrollment, nil
+	e := pd.rec.Enrollment
+	e.Backend = string(a.cfg.Backend)
+	return e, nil
 }
 
 // GC forgets every pod that the runtime no longer lists.
@@ -455,4 +458,28 @@ func (a *Agent) Known(uid string) bool {
 		}
 	}
 	return false
+}
+
+// Uninstall takes meshless out of every pod, for the removal of meshless from the node: it
+// removes the pods' capture rules, closes their data paths and forgets their records, so that
+// the pods go on talking in plaintext rather than being cut off by rules nobody serves. It
+// returns how many pods it released; a pod whose rules cannot be removed keeps its record (and
+// fails closed), and its error is returned.
+func (a *Agent) Uninstall() (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	released := 0
+	var errs []error
+	for _, pd := range a.pods {
+		p := pd.rec.Enrollment.Pod
+		if pd.served() {
+			if err := capture.Remove(p.Netns, capture.Config{Backend: a.cfg.Backend, PodIPs: p.IPs}); err != nil {
+				errs = append(errs, fmt.Errorf("pod %s/%s: %w", p.Namespace, p.Name, err))
+				continue
+			}
+			released++
+		}
+		a.detachLocked(pd, "meshless uninstalled")
+	}
+	return released, errors.Join(errs...)
 }

@@ -160,3 +160,43 @@ func TestPolicyServesPodsThatDoNotOptOut(t *testing.T) {
 		}
 	}
 }
+
+// Uninstall releases the pods: their capture rules go, so they talk directly (in plaintext)
+// instead of being refused, and nothing is left for a next daemon to restore.
+func TestUninstallReleasesPods(t *testing.T) {
+	node := podnet.NewNode(t, "mlrel-")
+	client, server := node.AddPod(t, 1), node.AddPod(t, 2)
+	caDir, stateDir := t.TempDir(), t.TempDir()
+	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	podnet.EchoServer(t, server, 8080)
+	f := newAgent(t, tunnel.Strict, stateDir, caDir)
+	f.enroll(t, client, "client")
+	f.enroll(t, server, "server")
+
+	released, err := f.agent.Uninstall()
+	if err != nil || released != 2 {
+		t.Fatalf("Uninstall = (%d, %v), want 2 pods released", released, err)
+	}
+	if st := f.agent.Status(context.Background()); st.Pods != 0 {
+		t.Errorf("%d pods still served after Uninstall", st.Pods)
+	}
+	c, err := podnet.Dial(client, netip.AddrPortFrom(server.IPs[0], 8080))
+	if err != nil {
+		t.Fatalf("after Uninstall the pods cannot talk: %v", err)
+	}
+	greeting, echo := exchange(t, c, "direct")
+	c.Close()
+	if greeting != "from "+client.IPs[0].String() || echo != "direct" {
+		t.Fatalf("after Uninstall: %q %q", greeting, echo)
+	}
+	if n := len(f.logs.records("connection")); n != 0 {
+		t.Errorf("%d connections went through the daemon after Uninstall", n)
+	}
+	f.close()
+	again := newAgent(t, tunnel.Strict, stateDir, caDir)
+	if n := again.agent.Restore(); n != 0 {
+		t.Errorf("a restarted daemon re-attached %d released pods", n)
+	}
+}

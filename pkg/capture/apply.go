@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os/exec"
 	"strings"
+	"sync"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/coreos/go-iptables/iptables"
@@ -46,6 +47,7 @@ func toolName(b Backend, family int, suffix string) string {
 type familyTools struct {
 	family   int
 	iptables string
+	save     string
 	restore  string
 }
 
@@ -56,11 +58,15 @@ func resolveTools(b Backend, families []int) ([]familyTools, error) {
 		if err != nil {
 			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
 		}
+		save, err := lookTool(toolName(b, f, "-save"))
+		if err != nil {
+			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
+		}
 		restore, err := lookTool(toolName(b, f, "-restore"))
 		if err != nil {
 			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
 		}
-		out = append(out, familyTools{family: f, iptables: ipt, restore: restore})
+		out = append(out, familyTools{family: f, iptables: ipt, save: save, restore: restore})
 	}
 	return out, nil
 }
@@ -93,57 +99,91 @@ func prepare(c Config) (Config, []familyTools, error) {
 // family are written in one iptables-restore --noflush transaction together with whichever jumps
 // are missing, so a pod is never half captured and applying twice leaves exactly one copy of
 // everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
-// the CNI calls of one pod).
+// the CNI calls of one pod). The families are independent and go in side by side: a dual-stack
+// pod's ADD waits for the slower family, not for the sum.
 func Apply(nsPath string, c Config) error {
 	c, tools, err := prepare(c)
 	if err != nil {
 		return err
 	}
-	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-		// The policy route points at lo, which the kernel only accepts while lo is up.
-		if err := ensureLoopbackUp(); err != nil {
-			return err
-		}
-		for _, t := range tools {
-			if err := applyFamily(t, c); err != nil {
-				return err
-			}
-			if err := applyRouting(t.family); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	// The policy route points at lo, which the kernel only accepts while lo is up.
+	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error { return ensureLoopbackUp() })
 	if err != nil {
+		return fmt.Errorf("install capture in netns %s: %w", nsPath, err)
+	}
+	errs := make([]error, len(tools))
+	var wg sync.WaitGroup
+	for i, t := range tools {
+		wg.Go(func() {
+			// Each goroutine enters the netns on its own thread: programs started from it
+			// inherit the netns, those of another goroutine would not.
+			errs[i] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+				if err := applyFamily(t, c); err != nil {
+					return err
+				}
+				return applyRouting(t.family)
+			})
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("install capture in netns %s: %w", nsPath, err)
 	}
 	return nil
 }
 
+// applyFamily runs two programs: one iptables-save to see which jumps are in place already, and
+// one iptables-restore with the rest. (Asking iptables about each jump instead costs a program
+// run per question, and each run is milliseconds of a pod's CNI ADD.)
 func applyFamily(t familyTools, c Config) error {
-	ipt, err := t.handle()
+	var stderr bytes.Buffer
+	save := exec.Command(t.save)
+	save.Stderr = &stderr
+	saved, err := save.Output()
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w: %s", t.save, err, strings.TrimSpace(stderr.String()))
 	}
 	chs := chains(c, t.family)
+	present := jumpsIn(saved)
 	var missing []chain
 	for _, ch := range chs {
-		ok, err := jumpExists(ipt, ch)
-		if err != nil {
-			return err
-		}
-		if !ok {
+		if !present[jumpKey{ch.table, ch.parent, ch.name}] {
 			missing = append(missing, ch)
 		}
 	}
+	stderr.Reset()
 	cmd := exec.Command(t.restore, "--noflush", fmt.Sprintf("--wait=%d", lockWaitSeconds))
 	cmd.Stdin = strings.NewReader(restoreInput(chs, missing))
-	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("%s --noflush: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
 	}
 	return nil
+}
+
+// jumpKey names a jump from a built-in chain of a table to one of our chains.
+type jumpKey struct{ table, parent, target string }
+
+// jumpsIn returns the jumps found in iptables-save output: "-A parent ... -j target" rules.
+func jumpsIn(saved []byte) map[jumpKey]bool {
+	out := make(map[jumpKey]bool)
+	table := ""
+	for _, line := range strings.Split(string(saved), "\n") {
+		if name, ok := strings.CutPrefix(line, "*"); ok {
+			table = strings.TrimSpace(name)
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) < 2 || f[0] != "-A" {
+			continue
+		}
+		for i := 2; i+1 < len(f); i++ {
+			if f[i] == "-j" || f[i] == "--jump" {
+				out[jumpKey{table, f[1], f[i+1]}] = true
+			}
+		}
+	}
+	return out
 }
 
 // jumpExists reports whether ch's jump is in its parent chain. iptables refuses to even look for

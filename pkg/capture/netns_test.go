@@ -9,7 +9,7 @@ import (
 	"testing"
 )
 
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
@@ -17,7 +17,7 @@ func needRoot(t *testing.T) {
 }
 
 // newNetns creates a network namespace named mlcap-<random> (lo down, as the kernel makes it), removed when the test ends.
-func newNetns(t *testing.T) (name, path string) {
+func newNetns(t testing.TB) (name, path string) {
 	t.Helper()
 	suffix := make([]byte, 5)
 	if _, err := rand.Read(suffix); err != nil {
@@ -34,7 +34,7 @@ func newNetns(t *testing.T) (name, path string) {
 }
 
 // run runs a command and fails the test if it fails; it returns the standard output.
-func run(t *testing.T, name string, args ...string) string {
+func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).Output()
 	if err != nil {

@@ -199,6 +199,26 @@ func TestErrorMapping(t *testing.T) {
 			t.Errorf("service got pods %v", svc.pods)
 		}
 	})
+	t.Run("not ready: the runtime is told to retry, the service never sees the pod", func(t *testing.T) {
+		svc.mu.Lock()
+		svc.status.Ready = false
+		svc.mu.Unlock()
+		defer func() {
+			svc.mu.Lock()
+			svc.status.Ready = true
+			svc.mu.Unlock()
+		}()
+		_, err := c.Enroll(ctx, validPod())
+		if !errors.Is(err, ErrNotReady) || errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "not ready") {
+			t.Errorf("Enroll = %v, want ErrNotReady", err)
+		}
+		svc.mu.Lock()
+		n := len(svc.pods)
+		svc.mu.Unlock()
+		if n != 0 {
+			t.Errorf("service got %d pods while not ready", n)
+		}
+	})
 	t.Run("invalid container id", func(t *testing.T) {
 		if _, err := c.Get(ctx, "-x"); !errors.Is(err, ErrInvalid) {
 			t.Errorf("Get(-x) = %v, want ErrInvalid", err)

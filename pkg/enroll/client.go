@@ -166,7 +166,8 @@ func isTimeout(err error) bool {
 }
 
 // remoteError is an error answer from the daemon; errors.Is matches an API error (a JSON body)
-// with ErrInvalid (400) and ErrNotFound (404). A bare 404 from an unknown route is not ErrNotFound.
+// with ErrInvalid (400), ErrNotFound (404) and ErrNotReady (503). A bare 404 from an unknown route
+// is not ErrNotFound.
 type remoteError struct {
 	status  int
 	message string
@@ -189,6 +190,8 @@ func (e *remoteError) Is(target error) bool {
 		return e.status == http.StatusBadRequest
 	case ErrNotFound:
 		return e.status == http.StatusNotFound
+	case ErrNotReady:
+		return e.status == http.StatusServiceUnavailable
 	}
 	return false
 }

@@ -19,6 +19,9 @@ var (
 	ErrNotFound = errors.New("pod not enrolled")
 	// ErrInvalid reports a request the daemon cannot use; the handler answers it with HTTP 400.
 	ErrInvalid = errors.New("invalid request")
+	// ErrNotReady reports a daemon that cannot enroll pods yet (it is still re-attaching the pods
+	// it served before a restart); the handler answers it with HTTP 503, and the runtime retries.
+	ErrNotReady = errors.New("meshlessd not ready")
 )
 
 // Pod is what the plugin knows about a new pod when it enrolls it.
@@ -45,6 +48,9 @@ type Enrollment struct {
 	// meshless.io/inject: "false" annotation): the plugin then leaves the pod's traffic alone.
 	Skipped    string    `json:"skipped,omitempty"`
 	EnrolledAt time.Time `json:"enrolledAt"`
+	// Backend is the node's iptables backend, in which the plugin installs the pod's rules (so
+	// that ADD needs one call to the daemon, not two).
+	Backend string `json:"backend,omitempty"`
 }
 
 // Status describes the daemon; the plugin reads Backend so that every pod's rules use the

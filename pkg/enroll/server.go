@@ -41,7 +41,8 @@ type errorBody struct {
 //	POST   /v1/gc                  GCRequest, answers GCResponse
 //	GET    /v1/status              answers Status
 //
-// Errors are {"error": "..."} with 400 for ErrInvalid, 404 for ErrNotFound, 500 otherwise.
+// Errors are {"error": "..."} with 400 for ErrInvalid, 404 for ErrNotFound, 503 for ErrNotReady,
+// 500 otherwise.
 func Handler(s Service) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/pods", func(w http.ResponseWriter, r *http.Request) {
@@ -53,6 +54,10 @@ func Handler(s Service) http.Handler {
 		// Validated here so that no Service implementation ever sees a pod it cannot use.
 		if err := p.Validate(); err != nil {
 			writeError(w, err)
+			return
+		}
+		if !s.Status(r.Context()).Ready {
+			writeError(w, fmt.Errorf("%w: it is re-attaching the pods it served before it restarted", ErrNotReady))
 			return
 		}
 		e, err := s.Enroll(r.Context(), p)
@@ -141,6 +146,8 @@ func writeError(w http.ResponseWriter, err error) {
 		code = http.StatusBadRequest
 	case errors.Is(err, ErrNotFound):
 		code = http.StatusNotFound
+	case errors.Is(err, ErrNotReady):
+		code = http.StatusServiceUnavailable
 	}
 	writeJSON(w, code, errorBody{Error: err.Error()})
 }

@@ -94,11 +94,16 @@ func server(t *testing.T) *kubeapi.Server {
 }
 
 // grantPodReader gives user what meshlessd needs from the API, as install/rbac.yaml does: get,
-// list and watch pods, and patch them (their meshless.io/status annotation).
+// list and watch pods, patch them (their meshless.io/status annotation), and get namespaces and
+// daemonsets (to tell an uninstall from a restart).
 func grantPodReader(ctx context.Context, c kubernetes.Interface, user string) error {
 	role := &rbacv1.ClusterRole{
 		ObjectMeta: metav1.ObjectMeta{Name: "meshless-pod-reader"},
-		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch", "patch"}}},
+		Rules: []rbacv1.PolicyRule{
+			{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch", "patch"}},
+			{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get"}},
+			{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, Verbs: []string{"get"}},
+		},
 	}
 	if _, err := c.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("creating cluster role: %w", err)
