@@ -238,7 +238,18 @@ func (e *e2e) deploy(ctx context.Context) error {
 		return err
 	}
 	e.clusterIP = svc.Spec.ClusterIP
-	return nil
+	// The Deployment is available before kube-proxy has programmed the Service's new endpoint
+	// (until then the ClusterIP rejects). A connection from the node, which goes through the
+	// same nat rules, says when it has.
+	svcAddr := net.JoinHostPort(e.clusterIP, strconv.Itoa(servicePort))
+	return poll(ctx, "the Service "+svcAddr+" answering from the node", time.Minute, c.daemons, func() (bool, error) {
+		conn, err := net.DialTimeout("tcp", svcAddr, 2*time.Second)
+		if err != nil {
+			return false, err
+		}
+		conn.Close()
+		return true, nil
+	})
 }
 
 // pods returns the running, not terminating pods of app.
@@ -352,7 +363,7 @@ func hostOf(addr string) string {
 	return ap.Addr().String()
 }
 
-// checks runs checks a to f.
+// checks runs checks a to f, and h.
 func (e *e2e) checks(ctx context.Context) {
 	c, r := e.c, e.r
 	backendTarget := fmt.Sprintf("%s:%d", e.backend.Status.PodIP, appPort)
@@ -473,28 +484,6 @@ func (e *e2e) checks(ctx context.Context) {
 		return strings.Join(ev, "; ") + fmt.Sprintf("; %s -> %s: %s; marker in clear on the wire: %s", a, b, plain, strings.Join(inClear, ", ")), nil
 	})
 
-	r.check("h", "a pod that ran before meshless was installed is adopted: enrolled, mTLS, its own SPIFFE ID", func() (string, error) {
-		if got := e.annotation(ctx, e.early); got != "enrolled" {
-			return "", fmt.Errorf("pod %s: %s=%q, want \"enrolled\"", e.early.Name, statusAnnotation, got)
-		}
-		if err := toEarly.err(); err != nil {
-			return "", err
-		}
-		earlyIP := netip.MustParseAddr(e.early.Status.PodIP)
-		wire, err := tlsOnly(trace.Between(frontendIP, earlyIP), clear, fmt.Sprintf("frontend <-> early %s", earlyIP))
-		if err != nil {
-			return "", err
-		}
-		target := fmt.Sprintf("%s:%d", earlyIP, appPort)
-		for _, l := range lines {
-			if l.Msg == "connection" && l.Direction == "outbound" && l.Dst == target && l.MTLS && l.Result == "ok" && l.PeerID == spiffeID(e.early) {
-				return fmt.Sprintf("pod %s started %s, before the DaemonSet; %s=enrolled; %s; meshlessd: %s",
-					e.early.Name, e.early.Status.StartTime.Format(time.RFC3339), statusAnnotation, wire, l.raw), nil
-			}
-		}
-		return "", fmt.Errorf("%s; but meshlessd logged no mTLS connection to %s with peer_id %s", wire, target, spiffeID(e.early))
-	})
-
 	r.check("e", "HTTP liveness/readiness probes pass in strict mode", func() (string, error) {
 		mode, err := c.kubectl(ctx, nil, "get", "configmap", "-n", meshlessNamespace, "meshless-config", "-o", "jsonpath={.data.mode}")
 		if err != nil {
@@ -533,6 +522,28 @@ func (e *e2e) checks(ctx context.Context) {
 		}
 		return ev, nil
 	})
+
+	r.check("h", "a pod that ran before meshless was installed is adopted: enrolled, mTLS, its own SPIFFE ID", func() (string, error) {
+		if got := e.annotation(ctx, e.early); got != "enrolled" {
+			return "", fmt.Errorf("pod %s: %s=%q, want \"enrolled\"", e.early.Name, statusAnnotation, got)
+		}
+		if err := toEarly.err(); err != nil {
+			return "", err
+		}
+		earlyIP := netip.MustParseAddr(e.early.Status.PodIP)
+		wire, err := tlsOnly(trace.Between(frontendIP, earlyIP), clear, fmt.Sprintf("frontend <-> early %s", earlyIP))
+		if err != nil {
+			return "", err
+		}
+		target := fmt.Sprintf("%s:%d", earlyIP, appPort)
+		for _, l := range lines {
+			if l.Msg == "connection" && l.Direction == "outbound" && l.Dst == target && l.MTLS && l.Result == "ok" && l.PeerID == spiffeID(e.early) {
+				return fmt.Sprintf("pod %s started %s, before the DaemonSet; %s=enrolled; %s; meshlessd: %s",
+					e.early.Name, e.early.Status.StartTime.Format(time.RFC3339), statusAnnotation, wire, l.raw), nil
+			}
+		}
+		return "", fmt.Errorf("%s; but meshlessd logged no mTLS connection to %s with peer_id %s", wire, target, spiffeID(e.early))
+	})
 }
 
 // adoptWait bounds the wait for a pod that ran before the install to be enrolled: the daemon
@@ -568,6 +579,7 @@ func (e *e2e) hostVeth(ctx context.Context, p corev1.Pod) (string, error) {
 		return "", fmt.Errorf("pod %s: the node's end of eth0 (index %d): %w", p.Name, idx, err)
 	}
 	return ifc.Name, nil
+
 }
 
 func orNone(s string) string {
@@ -668,11 +680,43 @@ func (e *e2e) uninstall(ctx context.Context) {
 			conflistName, len(after), names), nil
 	})
 
-	// What happens to the pods that were enrolled: observed, not asserted (with the daemon
-	// gone their in-pod capture rules stay, so meshless fails closed).
+	// meshlessd releases the pods' capture when meshless itself is deleted (not on a restart):
+	// the pods it enrolled go on in plaintext.
 	backendTarget := fmt.Sprintf("%s:%d", e.backend.Status.PodIP, appPort)
-	r.note("after delete, enrolled frontend -> enrolled backend: %s", e.exchange(ctx, e.frontend, backendTarget))
-	r.note("after delete, enrolled frontend -> ClusterIP: %s", e.exchange(ctx, e.frontend, fmt.Sprintf("%s:%d", e.clusterIP, servicePort)))
+	r.check("g2", "after delete, pods that were enrolled keep working, in plaintext (capture released)", func() (string, error) {
+		capture, err := conformance.StartCapture(ctx, c.env, c.dir, "released", c.o.netns, bridgeName, "tcp")
+		if err != nil {
+			return "", err
+		}
+		var direct exchangeResult
+		// The release runs as the daemon stops; give a slow node a few seconds past the delete.
+		_ = poll(ctx, "an exchange between the formerly enrolled pods", 30*time.Second, nil, func() (bool, error) {
+			direct = e.exchange(ctx, e.frontend, backendTarget)
+			return direct.err() == nil, nil
+		})
+		viaService := e.exchange(ctx, e.frontend, fmt.Sprintf("%s:%d", e.clusterIP, servicePort))
+		trace, err := capture.StopAndRead()
+		if err != nil {
+			return "", err
+		}
+		if err := direct.err(); err != nil {
+			return "", fmt.Errorf("frontend -> backend: %w", err)
+		}
+		if err := viaService.err(); err != nil {
+			return "", fmt.Errorf("frontend -> ClusterIP: %w", err)
+		}
+		frontendIP, backendIP := netip.MustParseAddr(e.frontend.Status.PodIP), netip.MustParseAddr(e.backend.Status.PodIP)
+		var inClear []string
+		for _, f := range trace.FlowsWithClear([]byte(e.marker)) {
+			if f.Src.Addr() == frontendIP && f.Dst.Addr() == backendIP {
+				inClear = append(inClear, f.String())
+			}
+		}
+		if len(inClear) == 0 {
+			return "", errors.New("frontend -> backend worked but the marker never appeared in clear: still captured?")
+		}
+		return fmt.Sprintf("frontend -> backend: %s; via ClusterIP: %s; marker in clear: %s", direct, viaService, strings.Join(inClear, ", ")), nil
+	})
 	r.note("after delete, enrolled frontend -> opted-out %s: %s", e.plain[1].Name, e.exchange(ctx, e.frontend, fmt.Sprintf("%s:%d", e.plain[1].Status.PodIP, appPort)))
 	r.note("after delete, opted-out %s -> enrolled backend: %s", e.plain[0].Name, e.exchange(ctx, e.plain[0], backendTarget))
 	time.Sleep(8 * time.Second) // four probe periods
@@ -681,7 +725,7 @@ func (e *e2e) uninstall(ctx context.Context) {
 		r.note("after delete, enrolled backend's probes: %s (ok=%t)", ev, perr == nil)
 	}
 
-	r.check("g2", "after delete, pods outside meshless keep working and new pods work in plaintext", func() (string, error) {
+	r.check("g3", "after delete, pods outside meshless keep working and new pods work in plaintext", func() (string, error) {
 		old := e.exchange(ctx, e.plain[0], fmt.Sprintf("%s:%d", e.plain[1].Status.PodIP, appPort))
 		if err := old.err(); err != nil {
 			return "", fmt.Errorf("existing plaintext pods: %w", err)
