@@ -347,6 +347,26 @@ func (e *e2e) daemonLog(ctx context.Context) ([]logLine, error) {
 	return lines, sc.Err()
 }
 
+// logWait bounds the wait for a connection's log line: meshlessd writes it when the
+// connection has closed on both sides, which can be a moment after the client returned.
+const logWait = 15 * time.Second
+
+// findLog waits for a successful mTLS "connection" line of meshlessd's log that match accepts.
+func (e *e2e) findLog(ctx context.Context, what string, match func(logLine) bool) (logLine, error) {
+	var found logLine
+	err := poll(ctx, "meshlessd's log line for "+what, logWait, nil, func() (bool, error) {
+		lines, err := e.daemonLog(ctx)
+		for _, l := range lines {
+			if l.Msg == "connection" && l.MTLS && l.Result == "ok" && match(l) {
+				found = l
+				return true, nil
+			}
+		}
+		return false, err
+	})
+	return found, err
+}
+
 func spiffeID(p corev1.Pod) string {
 	sa := p.Spec.ServiceAccountName
 	if sa == "" {
@@ -409,27 +429,19 @@ func (e *e2e) checks(ctx context.Context) {
 		return tlsOnly(trace.Between(frontendIP, backendIP), clear, fmt.Sprintf("frontend %s <-> backend %s", frontendIP, backendIP))
 	})
 
-	lines, logErr := e.daemonLog(ctx)
 	r.check("b", "service accounts from the API in the SPIFFE IDs", func() (string, error) {
-		if logErr != nil {
-			return "", logErr
-		}
 		wantBackend, wantFrontend := spiffeID(e.backend), spiffeID(e.frontend)
-		var out, in *logLine
-		for i, l := range lines {
-			if l.Msg != "connection" || !l.MTLS || l.Result != "ok" {
-				continue
-			}
-			if l.Direction == "outbound" && l.Dst == backendTarget && hostOf(l.Src) == frontendIP.String() && l.PeerID == wantBackend {
-				out = &lines[i]
-			}
-			if l.Direction == "inbound" && hostOf(l.Src) == frontendIP.String() && l.PeerID == wantFrontend {
-				in = &lines[i]
-			}
+		out, err := e.findLog(ctx, "an outbound connection to "+backendTarget+" with peer_id "+wantBackend, func(l logLine) bool {
+			return l.Direction == "outbound" && l.Dst == backendTarget && hostOf(l.Src) == frontendIP.String() && l.PeerID == wantBackend
+		})
+		if err != nil {
+			return "", err
 		}
-		if out == nil || in == nil {
-			return "", fmt.Errorf("meshlessd logged no outbound connection to %s with peer_id %s (found: %t) or no inbound one from %s with peer_id %s (found: %t)",
-				backendTarget, wantBackend, out != nil, frontendIP, wantFrontend, in != nil)
+		in, err := e.findLog(ctx, "an inbound connection from "+frontendIP.String()+" with peer_id "+wantFrontend, func(l logLine) bool {
+			return l.Direction == "inbound" && hostOf(l.Src) == frontendIP.String() && l.PeerID == wantFrontend
+		})
+		if err != nil {
+			return "", err
 		}
 		return fmt.Sprintf("API: frontend pod runs as sa %q, backend as %q; meshlessd: %s | %s",
 			e.frontend.Spec.ServiceAccountName, e.backend.Spec.ServiceAccountName, out.raw, in.raw), nil
@@ -444,12 +456,13 @@ func (e *e2e) checks(ctx context.Context) {
 		if err != nil {
 			return "", err
 		}
-		for _, l := range lines {
-			if l.Msg == "connection" && l.Direction == "outbound" && l.Dst == serviceTarget && l.MTLS && l.Result == "ok" && l.PeerID == spiffeID(e.backend) {
-				return viaService.String() + "; " + wire + "; meshlessd: " + l.raw, nil
-			}
+		l, err := e.findLog(ctx, "an outbound connection to "+serviceTarget+" with peer_id "+spiffeID(e.backend), func(l logLine) bool {
+			return l.Direction == "outbound" && l.Dst == serviceTarget && l.PeerID == spiffeID(e.backend)
+		})
+		if err != nil {
+			return wire, err
 		}
-		return "", fmt.Errorf("%s; but meshlessd logged no mTLS connection to %s with peer_id %s", wire, serviceTarget, spiffeID(e.backend))
+		return viaService.String() + "; " + wire + "; meshlessd: " + l.raw, nil
 	})
 
 	r.check("d", `meshless.io/inject: "false" pods stay plaintext; enrolled pods are annotated`, func() (string, error) {
@@ -536,13 +549,14 @@ func (e *e2e) checks(ctx context.Context) {
 			return "", err
 		}
 		target := fmt.Sprintf("%s:%d", earlyIP, appPort)
-		for _, l := range lines {
-			if l.Msg == "connection" && l.Direction == "outbound" && l.Dst == target && l.MTLS && l.Result == "ok" && l.PeerID == spiffeID(e.early) {
-				return fmt.Sprintf("pod %s started %s, before the DaemonSet; %s=enrolled; %s; meshlessd: %s",
-					e.early.Name, e.early.Status.StartTime.Format(time.RFC3339), statusAnnotation, wire, l.raw), nil
-			}
+		l, err := e.findLog(ctx, "an outbound connection to "+target+" with peer_id "+spiffeID(e.early), func(l logLine) bool {
+			return l.Direction == "outbound" && l.Dst == target && l.PeerID == spiffeID(e.early)
+		})
+		if err != nil {
+			return wire, err
 		}
-		return "", fmt.Errorf("%s; but meshlessd logged no mTLS connection to %s with peer_id %s", wire, target, spiffeID(e.early))
+		return fmt.Sprintf("pod %s started %s, before the DaemonSet; %s=enrolled; %s; meshlessd: %s",
+			e.early.Name, e.early.Status.StartTime.Format(time.RFC3339), statusAnnotation, wire, l.raw), nil
 	})
 }
 
