@@ -1,7 +1,11 @@
 # meshless/meshlessd: meshlessd and meshless-cni, static (CGO_ENABLED=0), in /usr/local/bin.
 #
 #   docker build -t meshless/meshlessd:dev .                  # default: Debian slim + iptables
-#   docker build --target static -t meshless/meshlessd:dev .  # FROM scratch, = `make image`
+#   docker build --target static -t meshless/meshlessd:dev .  # FROM scratch, no iptables
+#
+# `make image` builds the equivalent of the default target without Docker: the static binaries
+# plus the build machine's iptables (its links, shared libraries and extensions), in
+# bin/meshless-image.tar.
 #
 # Why iptables is in the default image: the CNI plugin applies the pods' capture rules on the host
 # (the runtime execs meshless-cni from the host's CNI bin dir, so it uses the host's iptables), but
@@ -19,7 +23,7 @@ COPY . .
 RUN CGO_ENABLED=0 go build -trimpath -o /out/meshlessd ./daemon && \
     CGO_ENABLED=0 go build -trimpath -o /out/meshless-cni ./plugin
 
-# The same image `make image` writes as bin/meshless-image.tar without Docker.
+# The static binaries alone (what `make image` writes when the machine has no iptables).
 FROM scratch AS static
 COPY --from=build /out/meshlessd /out/meshless-cni /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/meshlessd"]

@@ -3,7 +3,12 @@
 //
 //	go run ./hack/image -out bin/meshless-image.tar -tag meshless/meshlessd:dev \
 //	    -entrypoint /usr/local/bin/meshlessd \
-//	    -file bin/meshlessd=/usr/local/bin/meshlessd -file bin/meshless-cni=/usr/local/bin/meshless-cni
+//	    -file bin/meshlessd=/usr/local/bin/meshlessd -file bin/meshless-cni=/usr/local/bin/meshless-cni \
+//	    -host /usr/sbin/xtables-nft-multi -host /usr/sbin/iptables-nft-save ...
+//
+// -host copies dynamically linked programs of the build host (the Makefile: iptables) together
+// with what they need to run: the symbolic links that lead to them, their shared libraries and
+// the dynamic loader, at the paths the host has them.
 //
 // The archive holds manifest.json ([{Config, RepoTags, Layers}]), the image config
 // (<sha256>.json: architecture, os, config.Entrypoint, rootfs.diff_ids) and layer.tar. The output
@@ -20,6 +25,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -32,8 +38,13 @@ import (
 // epoch is the time of every entry and of the image: fixed, so that builds are reproducible.
 var epoch = time.Unix(0, 0).UTC()
 
-// File is one file of the layer: the contents of Src at the absolute path Dst, mode 0755.
-type File struct{ Src, Dst string }
+// File is one entry of the layer: the contents of Src at the absolute path Dst with mode Mode
+// (0 means 0755), or, when Link is set, a symbolic link at Dst to Link (Src unused).
+type File struct {
+	Src, Dst string
+	Mode     fs.FileMode
+	Link     string
+}
 
 // Spec describes the image.
 type Spec struct {
@@ -79,8 +90,8 @@ type History struct {
 // LayerName is the layer's path inside the archive.
 const LayerName = "layer.tar"
 
-// Layer returns the uncompressed layer tar: the parent directories of every file (0755), then the
-// files (0755), all owned by root, in path order.
+// Layer returns the uncompressed layer tar: the parent directories of every entry (0755), then the
+// files and links, all owned by root, in path order.
 func Layer(files []File) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -94,6 +105,13 @@ func Layer(files []File) ([]byte, error) {
 			dirs[d] = true
 		}
 		entries = append(entries, f)
+	}
+	for _, f := range entries {
+		// A link where another entry needs a directory (/lib -> usr/lib beside /lib/x.so) would
+		// make the later entry land wherever the link points, or fail to extract.
+		if dirs[f.Dst] {
+			return nil, fmt.Errorf("destination %s is both an entry and the parent directory of another", f.Dst)
+		}
 	}
 	sortedDirs := make([]string, 0, len(dirs))
 	for d := range dirs {
@@ -111,12 +129,24 @@ func Layer(files []File) ([]byte, error) {
 		if i > 0 && entries[i-1].Dst == f.Dst {
 			return nil, fmt.Errorf("destination %s given twice", f.Dst)
 		}
+		name := strings.TrimPrefix(f.Dst, "/")
+		if f.Link != "" {
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: name, Linkname: f.Link,
+				Mode: 0o777, ModTime: epoch, Format: tar.FormatPAX}); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		data, err := os.ReadFile(f.Src)
 		if err != nil {
 			return nil, err
 		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: strings.TrimPrefix(f.Dst, "/"),
-			Mode: 0o755, Size: int64(len(data)), ModTime: epoch, Format: tar.FormatPAX}); err != nil {
+		mode := f.Mode.Perm()
+		if mode == 0 {
+			mode = 0o755
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name,
+			Mode: int64(mode), Size: int64(len(data)), ModTime: epoch, Format: tar.FormatPAX}); err != nil {
 			return nil, err
 		}
 		if _, err := tw.Write(data); err != nil {
@@ -198,11 +228,22 @@ func main() {
 	arch := flag.String("arch", runtime.GOARCH, "the image's architecture (the binaries' GOARCH)")
 	entrypoint := flag.String("entrypoint", "", "the image's entrypoint (one path)")
 	var files fileList
+	var host hostList
 	flag.Var(&files, "file", "SRC=DST: put the file SRC at DST (absolute) in the image, mode 0755; repeatable")
+	flag.Var(&host, "host", "PATH: copy this host's PATH to the same path in the image, with every symbolic link on the way, "+
+		"everything under it if it is a directory, and the shared libraries (ldd) of every ELF file; repeatable")
 	flag.Parse()
 	if *out == "" || len(files) == 0 {
-		fmt.Fprintln(os.Stderr, "usage: image -out FILE -file SRC=DST [-file ...] [-tag T] [-entrypoint P]")
+		fmt.Fprintln(os.Stderr, "usage: image -out FILE -file SRC=DST [-file ...] [-host PATH ...] [-tag T] [-entrypoint P]")
 		os.Exit(2)
+	}
+	if len(host) > 0 {
+		hf, err := HostFiles(host)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "image:", err)
+			os.Exit(1)
+		}
+		files = append(files, hf...)
 	}
 	spec := Spec{Tag: *tag, Arch: *arch, OS: "linux", Files: files,
 		Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}}

@@ -52,7 +52,7 @@ func testSpec(t *testing.T) Spec {
 	os.WriteFile(b, []byte("plugin binary"), 0o600)
 	return Spec{Tag: "meshless/meshlessd:dev", Arch: "amd64", OS: "linux",
 		Entrypoint: []string{"/usr/local/bin/meshlessd"},
-		Files:      []File{{a, "/usr/local/bin/meshlessd"}, {b, "/usr/local/bin/meshless-cni"}}}
+		Files:      []File{{Src: a, Dst: "/usr/local/bin/meshlessd"}, {Src: b, Dst: "/usr/local/bin/meshless-cni"}}}
 }
 
 // The archive is a consistent docker-archive: manifest.json names the config by its digest and
@@ -146,7 +146,7 @@ func TestBadDestinations(t *testing.T) {
 	for _, dsts := range [][]string{{"relative"}, {"/a/../b"}, {"/"}, {"/x", "/x"}} {
 		var files []File
 		for _, d := range dsts {
-			files = append(files, File{src, d})
+			files = append(files, File{Src: src, Dst: d})
 		}
 		if err := Build(io.Discard, Spec{Tag: "t", Files: files}); err == nil {
 			t.Errorf("destinations %v: want an error", dsts)
