@@ -24,7 +24,7 @@ func caInitCmd(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("ca init", flag.ContinueOnError)
 	dir := fs.String("dir", "", "directory to write ca.crt and ca.key into (created 0700 if missing)")
 	secret := fs.Bool("kubernetes-secret", false, "instead of writing files, print a v1 Secret "+
-		caSecretName+" (namespace "+caSecretNamespace+") holding ca.crt and ca.key, for kubectl apply -f -")
+		caSecretName+" holding ca.crt and ca.key, with its Namespace "+caSecretNamespace+", for kubectl apply -f -")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -49,10 +49,16 @@ func caInitCmd(args []string, stdout io.Writer) error {
 	return nil
 }
 
-// caSecretManifest is the YAML of the CA Secret. Base64 needs no YAML quoting, so the manifest is
-// written directly.
+// caSecretManifest is the YAML of the CA Secret, preceded by its Namespace (the one install/
+// creates), so that it applies before or after `kubectl apply -k install/`. Base64 needs no YAML
+// quoting, so the manifest is written directly.
 func caSecretManifest(certPEM, keyPEM []byte) string {
 	return "apiVersion: v1\n" +
+		"kind: Namespace\n" +
+		"metadata:\n" +
+		"  name: " + caSecretNamespace + "\n" +
+		"---\n" +
+		"apiVersion: v1\n" +
 		"kind: Secret\n" +
 		"metadata:\n" +
 		"  name: " + caSecretName + "\n" +

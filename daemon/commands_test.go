@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -12,15 +13,23 @@ import (
 	meshtls "github.com/meshless/meshless/pkg/tls"
 )
 
-// ca init --kubernetes-secret prints a Secret that decodes strictly into a v1 Secret whose data is
-// a CA LoadCA accepts, and writes no file.
+// ca init --kubernetes-secret prints the Namespace and a Secret that decodes strictly into a v1
+// Secret whose data is a CA LoadCA accepts, and writes no file.
 func TestCAInitKubernetesSecret(t *testing.T) {
 	var out bytes.Buffer
 	if err := caInitCmd([]string{"--kubernetes-secret"}, &out); err != nil {
 		t.Fatal(err)
 	}
+	docs := strings.Split(out.String(), "---\n")
+	if len(docs) != 2 {
+		t.Fatalf("want the Namespace and the Secret, got %d documents:\n%s", len(docs), out.String())
+	}
+	var ns corev1.Namespace
+	if err := yaml.UnmarshalStrict([]byte(docs[0]), &ns); err != nil || ns.Kind != "Namespace" || ns.Name != "meshless-system" {
+		t.Fatalf("first document: %+v, %v; want the Namespace meshless-system", ns, err)
+	}
 	var s corev1.Secret
-	if err := yaml.UnmarshalStrict(out.Bytes(), &s); err != nil {
+	if err := yaml.UnmarshalStrict([]byte(docs[1]), &s); err != nil {
 		t.Fatalf("decode Secret: %v\n%s", err, out.String())
 	}
 	if s.APIVersion != "v1" || s.Kind != "Secret" || s.Name != "meshless-ca" || s.Namespace != "meshless-system" ||

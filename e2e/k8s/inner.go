@@ -171,9 +171,8 @@ func lastLines(s string, n int) string {
 }
 
 // install is the operator's procedure: the kustomize base, the cluster's CIDRs in the ConfigMap,
-// the CA Secret, then wait for the DaemonSet. The Secret comes after the base because the base
-// creates its namespace; the DaemonSet's pod cannot start before the Secret exists, so it starts
-// with the ConfigMap as patched.
+// the CA Secret, then wait for the DaemonSet. The Secret comes last: the DaemonSet's pod cannot
+// start before it exists, so it starts with the ConfigMap as patched.
 func (e *e2e) install(ctx context.Context) error {
 	c := e.c
 	if _, err := c.kubectl(ctx, nil, "apply", "-k", filepath.Join(c.o.repo, "install")); err != nil {
