@@ -64,7 +64,7 @@ type Config struct {
 	Directory   Directory
 	// ExcludedNamespaces are namespaces whose pods are never enrolled (kube-system, say).
 	ExcludedNamespaces []string
-	// Reporter, when set, hears whether each pod the plugin or discovery brings is served.
+	// Reporter, when set, hears whether each pod enrolled (by the plugin or by adoption) is served.
 	Reporter   StatusReporter
 	Identities IdentitySource
 	TLS        *meshtls.Configs
