@@ -344,6 +344,7 @@ func TestDaemonSet(t *testing.T) {
 	wantMount(t, spec, d, "/var/lib/meshless", "/var/lib/meshless", "")
 	wantMount(t, spec, d, "/host/opt/cni/bin", "/opt/cni/bin", "")
 	wantMount(t, spec, d, "/host/etc/cni/net.d", "/etc/cni/net.d", "")
+	wantMount(t, spec, d, "/run/xtables.lock", "/run/xtables.lock", "")
 	ca := findMount(t, spec, d, "/etc/meshless/ca")
 	if ca.Secret == nil || ca.Secret.SecretName != "meshless-ca" {
 		t.Errorf("/etc/meshless/ca must come from the Secret meshless-ca")
