@@ -6,14 +6,12 @@ package conformance_test
 // that pods still talk.
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"math"
 	"net/netip"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -120,28 +118,14 @@ func TestScale100Pods(t *testing.T) {
 	}
 }
 
-// procStatusKiB reads a "kB" field (VmRSS, VmHWM, ...) of /proc/<pid>/status.
+// procStatusKiB reads a "kB" field of /proc/<pid>/status, or fails the test.
 func procStatusKiB(t *testing.T, pid int, field string) float64 {
 	t.Helper()
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	kib, err := conformance.StatusKiB(pid, field)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		name, value, ok := strings.Cut(sc.Text(), ":")
-		if !ok || name != field {
-			continue
-		}
-		kib, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(value), " kB"), 64)
-		if err != nil {
-			t.Fatalf("/proc/%d/status %s: %v", pid, field, err)
-		}
-		return kib
-	}
-	t.Fatalf("/proc/%d/status has no %s (%v)", pid, field, sc.Err())
-	return 0
+	return kib
 }
 
 // percentile returns the nearest-rank q-quantile of ds.

@@ -41,7 +41,7 @@ func MeasureDaemon(ctx context.Context, cluster *conformance.Cluster, pods, conn
 	}
 	pid := node.Daemon().Pid()
 	time.Sleep(settle)
-	if res.RSSStartKiB, err = StatusKiB(pid, "VmRSS"); err != nil {
+	if res.RSSStartKiB, err = conformance.StatusKiB(pid, "VmRSS"); err != nil {
 		return res, err
 	}
 	var mesh []*conformance.Pod
@@ -61,7 +61,7 @@ func MeasureDaemon(ctx context.Context, cluster *conformance.Cluster, pods, conn
 	}
 	logf("daemon: %d mesh and %d plain pods added in %s", pods, pods, time.Since(start).Round(time.Millisecond))
 	time.Sleep(settle)
-	if res.RSSIdleKiB, err = StatusKiB(pid, "VmRSS"); err != nil {
+	if res.RSSIdleKiB, err = conformance.StatusKiB(pid, "VmRSS"); err != nil {
 		return res, err
 	}
 
@@ -86,7 +86,7 @@ func MeasureDaemon(ctx context.Context, cluster *conformance.Cluster, pods, conn
 	}
 	logf("daemon: %d connections opened in %s", conns, time.Since(start).Round(time.Millisecond))
 	time.Sleep(settle)
-	if res.RSSConnsKiB, err = StatusKiB(pid, "VmRSS"); err != nil {
+	if res.RSSConnsKiB, err = conformance.StatusKiB(pid, "VmRSS"); err != nil {
 		return res, err
 	}
 	// The connections must still be alive when their memory was read.

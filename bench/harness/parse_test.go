@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/meshless/meshless/conformance"
 )
 
 func readTestdata(t *testing.T, name string) []byte {
@@ -98,7 +100,7 @@ func TestParseStatTicks(t *testing.T) {
 	if err != nil || self < 0 {
 		t.Errorf("CPUSeconds(self) = %v, %v", self, err)
 	}
-	if rss, err := StatusKiB(os.Getpid(), "VmRSS"); err != nil || rss <= 0 {
+	if rss, err := conformance.StatusKiB(os.Getpid(), "VmRSS"); err != nil || rss <= 0 {
 		t.Errorf("VmRSS of self = %v, %v", rss, err)
 	}
 }
