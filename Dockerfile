@@ -9,11 +9,12 @@
 #
 # Why iptables is in the default image: the CNI plugin applies the pods' capture rules on the host
 # (the runtime execs meshless-cni from the host's CNI bin dir, so it uses the host's iptables), but
-# meshlessd itself, at start, detects the node's iptables backend by running
-# iptables-legacy-save / iptables-nft-save (pkg/capture LoadOrDetectBackend) and records the result
-# in --state-dir (/var/lib/meshless/iptables-backend, a hostPath). The `static` image has no
-# iptables: with it, that record must already exist on the node (write `legacy` or `nft` into
-# /var/lib/meshless/iptables-backend), otherwise meshlessd exits with "no usable iptables backend".
+# meshlessd itself runs iptables in its container: at start it detects the node's iptables backend
+# (iptables-legacy-save / iptables-nft-save, recorded in --state-dir), it adopts pods that run
+# without the chain by running the chained plugin (iptables-*-save and -restore in their netns),
+# and on `kubectl delete -k` it removes the pods' rules. The `static` image has none of that: use
+# it only with a backend record already on the node (`legacy` or `nft` in
+# /var/lib/meshless/iptables-backend) and with adoption off (--adopt-interval=0).
 
 FROM golang:1.26 AS build
 WORKDIR /src
