@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/meshless/meshless/internal/proc"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -41,6 +42,8 @@ const (
 	apiserverStartTimeout = 90 * time.Second
 	// startAttempts retries a start whose ephemeral port was taken between choosing and binding.
 	startAttempts = 3
+	// stopGrace is how long a process has to exit after SIGTERM before it is killed.
+	stopGrace = 10 * time.Second
 )
 
 // Env is what Start needs from its caller: *testing.T and *testing.B satisfy it, and so does
@@ -196,7 +199,7 @@ func (s *Server) start(ctx context.Context, env Env, apiserverBin, etcdBin strin
 	if err != nil {
 		return err
 	}
-	etcd, err := startProcess("etcd", s.path("etcd.log"), etcdBin,
+	etcd, err := proc.Start("etcd", s.path("etcd.log"), etcdBin,
 		"--name", "kubeapi",
 		"--data-dir", dataDir,
 		"--listen-client-urls", clientURL,
@@ -213,9 +216,9 @@ func (s *Server) start(ctx context.Context, env Env, apiserverBin, etcdBin strin
 	etcdHealthy := func() (bool, error) {
 		return httpOK(ctx, http.DefaultClient, clientURL+"/health")
 	}
-	if err := etcd.waitFor(etcdStartTimeout, etcdHealthy); err != nil {
-		etcd.stop()
-		if etcd.addrInUse() {
+	if err := etcd.WaitFor(etcdStartTimeout, etcdHealthy); err != nil {
+		etcd.Stop(stopGrace)
+		if etcd.AddrInUse() {
 			return fmt.Errorf("etcd: %w", errPortTaken)
 		}
 		return err
@@ -243,20 +246,20 @@ func (s *Server) start(ctx context.Context, env Env, apiserverBin, etcdBin strin
 		"--kubelet-preferred-address-types", "InternalIP",
 		"--profiling=false",
 	}
-	apiserver, err := startProcess("kube-apiserver", s.path("kube-apiserver.log"), apiserverBin, append(args, extra...)...)
+	apiserver, err := proc.Start("kube-apiserver", s.path("kube-apiserver.log"), apiserverBin, append(args, extra...)...)
 	if err != nil {
 		return err
 	}
 	client, err := s.httpClient()
 	if err != nil {
-		apiserver.stop()
+		apiserver.Stop(stopGrace)
 		return err
 	}
-	if err := apiserver.waitFor(apiserverStartTimeout, func() (bool, error) {
+	if err := apiserver.WaitFor(apiserverStartTimeout, func() (bool, error) {
 		return httpOK(ctx, client, s.URL+"/readyz")
 	}); err != nil {
-		apiserver.stop()
-		if apiserver.addrInUse() {
+		apiserver.Stop(stopGrace)
+		if apiserver.AddrInUse() {
 			return fmt.Errorf("kube-apiserver: %w", errPortTaken)
 		}
 		return err
@@ -267,11 +270,11 @@ func (s *Server) start(ctx context.Context, env Env, apiserverBin, etcdBin strin
 }
 
 // stopProcess stops p at cleanup and, when the test failed, shows the end of its log.
-func (s *Server) stopProcess(env Env, p *process) {
+func (s *Server) stopProcess(env Env, p *proc.Process) {
 	if env.Failed() {
-		env.Logf("kubeapi: %s log (%s) ends with:\n%s", p.name, p.log, p.tail(30))
+		env.Logf("kubeapi: %s log (%s) ends with:\n%s", p.Name, p.Log, p.Tail(30))
 	}
-	p.stop()
+	p.Stop(stopGrace)
 }
 
 // httpClient authenticates as an administrator; it serves the readiness probe.

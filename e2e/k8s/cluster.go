@@ -8,100 +8,32 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"syscall"
 	"time"
 
-	"github.com/meshless/meshless/conformance"
-	"github.com/meshless/meshless/conformance/kubeapi"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/meshless/meshless/conformance"
+	"github.com/meshless/meshless/conformance/kubeapi"
+	"github.com/meshless/meshless/internal/proc"
 )
 
-// daemon is a long-running cluster process with its output in a log file.
-type daemon struct {
-	name, log string
-	cmd       *exec.Cmd
-	done      chan struct{}
-	err       error
-}
-
 // startDaemon runs argv in the current (cluster) network namespace and the host's mount
-// namespace. It dies with this program (Pdeathsig) and is stopped at cleanup.
-func startDaemon(env *conformance.CleanupStack, dir, name string, argv ...string) (*daemon, error) {
-	logPath := filepath.Join(dir, name+".log")
-	f, err := os.Create(logPath)
+// namespace. It dies with this program and is stopped at cleanup.
+func startDaemon(env *conformance.CleanupStack, dir, name string, argv ...string) (*proc.Process, error) {
+	d, err := proc.Start(name, filepath.Join(dir, name+".log"), argv[0], argv[1:]...)
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{name: name, log: logPath, done: make(chan struct{})}
-	d.cmd = exec.Command(argv[0], argv[1:]...)
-	d.cmd.Stdout, d.cmd.Stderr = f, f
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	started := make(chan error, 1)
-	go func() {
-		// Pdeathsig fires when the forking thread exits: fork from a thread that lives as long
-		// as the child.
-		runtime.LockOSThread()
-		if err := d.cmd.Start(); err != nil {
-			f.Close()
-			started <- err
-			return
-		}
-		started <- nil
-		d.err = d.cmd.Wait()
-		f.Close()
-		close(d.done)
-	}()
-	if err := <-started; err != nil {
-		return nil, fmt.Errorf("starting %s: %w", name, err)
-	}
-	env.Cleanup(func() { d.stop(15 * time.Second) })
+	env.Cleanup(func() { d.Stop(15 * time.Second) })
 	return d, nil
-}
-
-func (d *daemon) exited() error {
-	select {
-	case <-d.done:
-		return fmt.Errorf("%s exited (%v); its log ends with:\n%s", d.name, d.err, tail(d.log, 30))
-	default:
-		return nil
-	}
-}
-
-// stop sends SIGTERM, then SIGKILL to the process group after grace.
-func (d *daemon) stop(grace time.Duration) {
-	select {
-	case <-d.done:
-		return
-	default:
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(grace):
-		_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
-		<-d.done
-	}
-}
-
-func tail(path string, n int) string {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // poll calls cond every interval until it reports true, ctx ends, timeout passes, or one of the
 // watched daemons exits. Start-up and rollout have no event to wait on from here.
-func poll(ctx context.Context, what string, timeout time.Duration, watched []*daemon, cond func() (bool, error)) error {
+func poll(ctx context.Context, what string, timeout time.Duration, watched []*proc.Process, cond func() (bool, error)) error {
 	deadline := time.Now().Add(timeout)
 	var last error
 	for {
@@ -113,7 +45,7 @@ func poll(ctx context.Context, what string, timeout time.Duration, watched []*da
 			last = err
 		}
 		for _, d := range watched {
-			if err := d.exited(); err != nil {
+			if err := d.Exited(); err != nil {
 				return fmt.Errorf("waiting for %s: %w", what, err)
 			}
 		}
@@ -148,7 +80,7 @@ type cluster struct {
 	api     *kubeapi.Server
 	client  kubernetes.Interface
 	sock    string // containerd's socket
-	daemons []*daemon
+	daemons []*proc.Process
 }
 
 // kubectl runs kubectl as the cluster's administrator, with stdin if given.
@@ -224,7 +156,7 @@ state = %q
 		return err
 	}
 	c.daemons = append(c.daemons, d)
-	if err := poll(ctx, "containerd", time.Minute, []*daemon{d}, func() (bool, error) {
+	if err := poll(ctx, "containerd", time.Minute, []*proc.Process{d}, func() (bool, error) {
 		_, err := run(ctx, nil, "ctr", "--address", c.sock, "version")
 		return err == nil, err
 	}); err != nil {

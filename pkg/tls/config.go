@@ -96,22 +96,13 @@ func (c *Configs) Client(id spiffeid.ID) *tls.Config {
 	if cfg, ok := c.clients[id]; ok {
 		return cfg
 	}
-	cfg := &tls.Config{
-		MinVersion:       tls.VersionTLS13,
-		NextProtos:       []string{ALPN},
-		CurvePreferences: c.curves,
-		// The peer is another proxy that reads whole records: small first records (good for a
-		// browser's first paint) would only cost more records, writes and wake-ups.
-		DynamicRecordSizingDisabled: true,
-		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			return c.certificate(id)
-		},
-		// The standard verification knows nothing of SPIFFE IDs; VerifyConnection replaces it and,
-		// unlike VerifyPeerCertificate, also runs on resumed sessions.
-		InsecureSkipVerify: true,
-		VerifyConnection:   c.verifier(id, c.gen),
-		ClientSessionCache: tls.NewLRUClientSessionCache(0),
+	cfg := c.common(id)
+	cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		return c.certificate(id)
 	}
+	// The standard verification knows nothing of SPIFFE IDs; VerifyConnection replaces it.
+	cfg.InsecureSkipVerify = true
+	cfg.ClientSessionCache = tls.NewLRUClientSessionCache(0)
 	c.clients[id] = cfg
 	return cfg
 }
@@ -126,23 +117,29 @@ func (c *Configs) Server(id spiffeid.ID) *tls.Config {
 	if cfg, ok := c.servers[id]; ok {
 		return cfg
 	}
-	cfg := &tls.Config{
+	cfg := c.common(id)
+	cfg.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+		return c.certificate(id)
+	}
+	// Any certificate is asked for here; VerifyConnection checks it against the bundle.
+	cfg.ClientAuth = tls.RequireAnyClientCert
+	c.servers[id] = cfg
+	return cfg
+}
+
+// common is what both roles of identity id share: TLS 1.3 with ALPN meshless/1, and the peer
+// verified against the bundle and authorized in VerifyConnection, which, unlike
+// VerifyPeerCertificate, also runs on resumed sessions.
+func (c *Configs) common(id spiffeid.ID) *tls.Config {
+	return &tls.Config{
 		MinVersion:       tls.VersionTLS13,
 		NextProtos:       []string{ALPN},
 		CurvePreferences: c.curves,
 		// The peer is another proxy that reads whole records: small first records (good for a
 		// browser's first paint) would only cost more records, writes and wake-ups.
 		DynamicRecordSizingDisabled: true,
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-			return c.certificate(id)
-		},
-		// Any certificate is asked for here; VerifyConnection checks it against the bundle, also
-		// on resumed sessions.
-		ClientAuth:       tls.RequireAnyClientCert,
-		VerifyConnection: c.verifier(id, c.gen),
+		VerifyConnection:            c.verifier(id, c.gen),
 	}
-	c.servers[id] = cfg
-	return cfg
 }
 
 // Forget drops the configs of id (its session cache and ticket keys with them), for when its

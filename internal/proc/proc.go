@@ -1,4 +1,7 @@
-package kubeapi
+// Package proc runs the long-lived servers of the test harnesses (etcd and kube-apiserver in
+// conformance/kubeapi; containerd, the kubelet and the rest of the control plane in e2e/k8s):
+// each in its own process group, killed if the harness dies, its output in a log file.
+package proc
 
 import (
 	"bytes"
@@ -12,19 +15,17 @@ import (
 	"time"
 )
 
-// stopGrace is how long a process has to exit after SIGTERM before it is killed.
-const stopGrace = 10 * time.Second
-
-// process is a server the harness started; its output goes to a log file.
-type process struct {
-	name string
-	log  string
+// Process is a server the harness started; its output goes to a log file.
+type Process struct {
+	Name string
+	Log  string
 	cmd  *exec.Cmd
 	done chan struct{} // closed when the process has exited
 	err  error         // its exit status, once done is closed
 }
 
-func startProcess(name, logPath, bin string, args ...string) (*process, error) {
+// Start runs bin with args, its output in a new file at logPath.
+func Start(name, logPath, bin string, args ...string) (*Process, error) {
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
@@ -34,7 +35,7 @@ func startProcess(name, logPath, bin string, args ...string) (*process, error) {
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Its own process group, and killed if the test binary dies without cleaning up.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	p := &process{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}
+	p := &Process{Name: name, Log: logPath, cmd: cmd, done: make(chan struct{})}
 	started := make(chan error, 1)
 	go func() {
 		// Pdeathsig fires when the thread that forked exits, not the process; Go ends threads
@@ -55,29 +56,29 @@ func startProcess(name, logPath, bin string, args ...string) (*process, error) {
 	return p, nil
 }
 
-// exited returns an error describing the process's exit if it has exited, nil if it runs.
-func (p *process) exited() error {
+// Exited returns an error describing the process's exit if it has exited, nil if it runs.
+func (p *Process) Exited() error {
 	select {
 	case <-p.done:
-		return fmt.Errorf("%s exited (%v); its log ends with:\n%s", p.name, p.err, p.tail(40))
+		return fmt.Errorf("%s exited (%v); its log ends with:\n%s", p.Name, p.err, p.Tail(40))
 	default:
 		return nil
 	}
 }
 
-// addrInUse reports whether the process exited because a port it was given was taken meanwhile.
-func (p *process) addrInUse() bool {
+// AddrInUse reports whether the process exited because a port it was given was taken meanwhile.
+func (p *Process) AddrInUse() bool {
 	select {
 	case <-p.done:
 	default:
 		return false
 	}
-	data, _ := os.ReadFile(p.log)
+	data, _ := os.ReadFile(p.Log)
 	return bytes.Contains(data, []byte("address already in use"))
 }
 
-// stop ends the process: SIGTERM, then SIGKILL to its group after stopGrace.
-func (p *process) stop() {
+// Stop ends the process: SIGTERM, then SIGKILL to its group after grace.
+func (p *Process) Stop(grace time.Duration) {
 	select {
 	case <-p.done:
 		return
@@ -86,15 +87,15 @@ func (p *process) stop() {
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
-	case <-time.After(stopGrace):
+	case <-time.After(grace):
 		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 		<-p.done
 	}
 }
 
-// tail returns the last n lines of the process's log.
-func (p *process) tail(n int) string {
-	data, err := os.ReadFile(p.log)
+// Tail returns the last n lines of the process's log.
+func (p *Process) Tail(n int) string {
+	data, err := os.ReadFile(p.Log)
 	if err != nil {
 		return err.Error()
 	}
@@ -105,9 +106,9 @@ func (p *process) tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// waitFor calls ready until it reports true, the process exits, or timeout passes. Start-up
+// WaitFor calls ready until it reports true, the process exits, or timeout passes. Start-up
 // readiness has no event to wait on, so this polls.
-func (p *process) waitFor(timeout time.Duration, ready func() (bool, error)) error {
+func (p *Process) WaitFor(timeout time.Duration, ready func() (bool, error)) error {
 	deadline := time.Now().Add(timeout)
 	var last error
 	for {
@@ -116,14 +117,14 @@ func (p *process) waitFor(timeout time.Duration, ready func() (bool, error)) err
 			return nil
 		}
 		last = err
-		if err := p.exited(); err != nil {
+		if err := p.Exited(); err != nil {
 			return err
 		}
 		if time.Now().After(deadline) {
 			if last == nil {
 				last = errors.New("not ready")
 			}
-			return fmt.Errorf("%s not ready after %s: %w; its log ends with:\n%s", p.name, timeout, last, p.tail(40))
+			return fmt.Errorf("%s not ready after %s: %w; its log ends with:\n%s", p.Name, timeout, last, p.Tail(40))
 		}
 		select {
 		case <-p.done:
