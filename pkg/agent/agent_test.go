@@ -2,16 +2,13 @@ package agent
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
+	"github.com/meshless/meshless/internal/logtest"
 	"github.com/meshless/meshless/internal/podnet"
 	"github.com/meshless/meshless/pkg/capture"
 	"github.com/meshless/meshless/pkg/enroll"
@@ -30,35 +28,9 @@ import (
 // suite covers the CNI path) and run the agent, the data path and the capture
 // rules together in this process.
 
-// logBuffer collects the agent's JSON log lines for assertions.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) records(msg string) []map[string]any {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []map[string]any
-	sc := bufio.NewScanner(bytes.NewReader(l.buf.Bytes()))
-	for sc.Scan() {
-		var r map[string]any
-		if json.Unmarshal(sc.Bytes(), &r) == nil && r["msg"] == msg {
-			out = append(out, r)
-		}
-	}
-	return out
-}
-
 type fixture struct {
 	agent *Agent
-	logs  *logBuffer
+	logs  *logtest.Buffer
 	stop  context.CancelFunc
 }
 
@@ -69,7 +41,7 @@ func newAgent(t *testing.T, mode tunnel.Mode, stateDir, caDir string) *fixture {
 		t.Fatal(err)
 	}
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
-	logs := &logBuffer{}
+	logs := &logtest.Buffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	src := meshtls.NewCASource(ca, td, time.Hour, log)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -171,9 +143,9 @@ func TestPodsTalkOverMTLS(t *testing.T) {
 		}
 	}
 
-	waitFor(t, func() bool { return len(f.logs.records("connection")) >= 4 })
+	waitFor(t, func() bool { return len(f.logs.Records("connection")) >= 4 })
 	seen := map[string]string{}
-	for _, r := range f.logs.records("connection") {
+	for _, r := range f.logs.Records("connection") {
 		if r["result"] != "ok" || r["mtls"] != true {
 			t.Errorf("connection not ok over mTLS: %v", r)
 		}

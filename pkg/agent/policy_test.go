@@ -103,7 +103,7 @@ func TestPolicySkipsExcludedAndAnnotatedPods(t *testing.T) {
 	if _, err := f.agent.Get(ctx, cases[0].pod.ContainerID); err == nil {
 		t.Error("an enrollment of a netns that was enrolled again under another container ID is still known")
 	}
-	if n := len(f.logs.records("pod skipped")); n != len(cases) {
+	if n := len(f.logs.Records("pod skipped")); n != len(cases) {
 		t.Errorf("%d 'pod skipped' log lines, want %d", n, len(cases))
 	}
 
@@ -191,7 +191,7 @@ func TestUninstallReleasesPods(t *testing.T) {
 	if greeting != "from "+client.IPs[0].String() || echo != "direct" {
 		t.Fatalf("after Uninstall: %q %q", greeting, echo)
 	}
-	if n := len(f.logs.records("connection")); n != 0 {
+	if n := len(f.logs.Records("connection")); n != 0 {
 		t.Errorf("%d connections went through the daemon after Uninstall", n)
 	}
 	f.close()

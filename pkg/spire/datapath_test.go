@@ -16,6 +16,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
+	"github.com/meshless/meshless/internal/logtest"
 	"github.com/meshless/meshless/internal/podnet"
 	"github.com/meshless/meshless/pkg/agent"
 	"github.com/meshless/meshless/pkg/capture"
@@ -32,12 +33,12 @@ type daemon struct {
 	src     *Source
 	configs *meshtls.Configs
 	agent   *agent.Agent
-	logs    *logBuffer
+	logs    *logtest.Buffer
 }
 
 func newDaemon(t *testing.T, env *spireEnv, accounts meshtls.Workloads) *daemon {
 	t.Helper()
-	logs := &logBuffer{}
+	logs := &logtest.Buffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	src := newSource(t, env, logs)
 	configs := meshtls.NewConfigs(src, tlsconfig.AuthorizeMemberOf(testTD))
@@ -216,14 +217,14 @@ func TestPodsTalkOverMTLSAcrossSPIRERotation(t *testing.T) {
 	if clientSaw == before || serverSaw == beforeClient {
 		t.Errorf("a handshake after the rotation presented a replaced SVID")
 	}
-	if len(d.logs.records("svid rotated")) < 2 {
-		t.Errorf("no rotation logged: %v", d.logs.records("svid rotated"))
+	if len(d.logs.Records("svid rotated")) < 2 {
+		t.Errorf("no rotation logged: %v", d.logs.Records("svid rotated"))
 	}
 
 	// Connections are logged when they end.
 	long.Close()
 	outbound := func() (n int) {
-		for _, r := range d.logs.records("connection") {
+		for _, r := range d.logs.Records("connection") {
 			if r["direction"] == "outbound" && r["peer_id"] == seller.id().String() && r["result"] == "ok" {
 				n++
 			}
@@ -231,7 +232,7 @@ func TestPodsTalkOverMTLSAcrossSPIRERotation(t *testing.T) {
 		return n
 	}
 	waitUntil(t, 10*time.Second, "both outbound connections logged ok with the SPIRE-issued peer ID", func() bool { return outbound() >= 2 })
-	for _, r := range d.logs.records("connection") {
+	for _, r := range d.logs.Records("connection") {
 		if r["result"] != "ok" {
 			t.Errorf("connection failed: %v", r)
 		}
@@ -257,9 +258,9 @@ func TestSPIREAgentAwayAndBack(t *testing.T) {
 
 	env.killAgent()
 	waitUntil(t, 30*time.Second, "the source notices the agent is gone", func() bool {
-		return len(d.logs.records("spire stream lost")) >= 3 // the bundle stream and both SVID streams
+		return len(d.logs.Records("spire stream lost")) >= 3 // the bundle stream and both SVID streams
 	})
-	for _, r := range d.logs.records("spire stream lost") {
+	for _, r := range d.logs.Records("spire stream lost") {
 		if r["reason"] == nil || r["retry_in"] == nil {
 			t.Errorf("stream loss logged without reason or retry_in: %v", r)
 		}
@@ -288,7 +289,7 @@ func TestSPIREAgentAwayAndBack(t *testing.T) {
 	// The source retries at most MaxBackoff (1s here) apart; until its bundle stream is back it
 	// takes the agent for away, as a kubelet retrying the ADD would find.
 	waitUntil(t, 30*time.Second, "the bundle stream and the streams of the enrolled pods are back", func() bool {
-		return len(d.logs.records("spire stream restored")) >= 3
+		return len(d.logs.Records("spire stream restored")) >= 3
 	})
 	if err := d.enroll(late, "late"); err != nil {
 		t.Fatalf("enroll after the agent came back: %v", err)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/meshless/meshless/internal/logtest"
 	meshtls "github.com/meshless/meshless/pkg/tls"
 )
 
@@ -20,7 +21,7 @@ func (e entry) workload(pod string) meshtls.Workload {
 	return meshtls.Workload{ID: e.id(), Namespace: e.namespace, ServiceAccount: e.serviceAccount, PodName: pod, PodUID: "uid-" + pod}
 }
 
-func newSource(t *testing.T, env *spireEnv, logs *logBuffer) *Source {
+func newSource(t *testing.T, env *spireEnv, logs *logtest.Buffer) *Source {
 	t.Helper()
 	src, err := New(Config{
 		AdminSocket: env.adminSock,
@@ -44,7 +45,7 @@ func newSource(t *testing.T, env *spireEnv, logs *logBuffer) *Source {
 // bundle the server distributes; a pod without an entry fails clearly.
 func TestSourceGetsSVIDsAndBundleFromSPIRE(t *testing.T) {
 	env := startSPIRE(t, buyer, seller)
-	logs := &logBuffer{}
+	logs := &logtest.Buffer{}
 	src := newSource(t, env, logs)
 
 	for _, en := range []entry{buyer, seller} {
@@ -99,7 +100,7 @@ func TestSourceGetsSVIDsAndBundleFromSPIRE(t *testing.T) {
 		t.Error("a failed Acquire left the identity held")
 	}
 
-	rec := logs.records("svid received")
+	rec := logs.Records("svid received")
 	if len(rec) < 2 || rec[0]["spiffe_id"] == nil || rec[0]["serial"] == nil {
 		t.Errorf("svid received log lines: %v", rec)
 	}
