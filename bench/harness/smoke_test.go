@@ -1,7 +1,7 @@
 package harness_test
 
 // A smoke test of the benchmark's harness, quick enough for CI: every variant carries 1 MiB
-// echoed byte for byte and one HTTP request, the wire between the pods is TLS for meshless and
+// byte for byte and one HTTP request, the wire between the pods is TLS for meshless and
 // the references (and clear for plaintext, which shows the capture sees the traffic), and each
 // workload runs once, briefly, with its output parsed, as does the measurement of meshless alone
 // (on a few pods and connections). It asserts what arrived, never how fast.
@@ -79,19 +79,23 @@ func TestSmoke(t *testing.T) {
 }
 
 // checkWire passes 1 MiB and one HTTP request through the variant while capturing the bridge.
+// The server sends the 1 MiB and closes (ModeSend): an echo would end with the client's
+// half-close, which stunnel4 does not pass on reliably (on the client's close_notify it may close
+// both directions while the echo is still coming back), and stunnel's half-close is not what
+// this test is about; meshless's is covered by the conformance suite.
 func checkWire(ctx context.Context, t *testing.T, b *harness.Bench, v *harness.Variant) {
 	client, server := v.Client.IPv4(), v.Server.IPv4()
 	capture, err := b.Node.StartCapture(ctx, "smoke-"+v.Name, fmt.Sprintf("tcp and host %s and host %s", client, server))
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := conformance.RunClient(ctx, b.Cluster.Config.Bins, v.Client.Netns, v.Target(harness.EchoPort), conformance.ModeEcho,
+	res, err := conformance.RunClient(ctx, b.Cluster.Config.Bins, v.Client.Netns, v.Target(harness.EchoPort), conformance.ModeSend,
 		conformance.ClientOptions{Bytes: 1 << 20, Marker: marker})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !res.Match || res.Received != 1<<20 {
-		t.Errorf("1 MiB echo via %s: %+v", v.Name, res)
+		t.Errorf("1 MiB via %s: %+v", v.Name, res)
 	}
 	body := httpGet(ctx, t, v)
 	if !bytes.Equal(body, harness.HTTPBody) {
