@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 
 	"github.com/meshless/meshless/conformance"
 )
@@ -210,10 +211,12 @@ func Setup(ctx context.Context, env conformance.Env, cfg Config) (*Bench, error)
 }
 
 // NodeConfig is the benchmark's node: meshlessd and meshless-cni at their default log level
-// (info: one line per proxied connection), not the harness's debug.
+// (info: one line per proxied connection), not the harness's debug. MESHLESS_BENCH_DAEMON_ENV
+// ("KEY=VALUE ...") is added to meshlessd's environment, to compare runtime settings.
 func NodeConfig() conformance.NodeConfig {
 	return conformance.NodeConfig{
 		DaemonArgs: []string{"--log-level", "info"},
+		DaemonEnv:  strings.Fields(os.Getenv("MESHLESS_BENCH_DAEMON_ENV")),
 		PluginConf: map[string]any{"logLevel": "info"},
 	}
 }

@@ -31,7 +31,7 @@ import (
 type options struct {
 	out, hey, binDir   string
 	quick, daemon      bool
-	workloads          bool
+	workloads          string
 	reps               int
 	duration           time.Duration
 	rrCount, rrWarmup  int
@@ -48,7 +48,7 @@ func parseFlags() options {
 	flag.StringVar(&o.binDir, "bin", "", "directory for the binaries built (default: a temporary one)")
 	flag.BoolVar(&o.quick, "quick", false, "short runs (about 2 minutes): -reps 3 -duration 1s -rr 300 unless set")
 	flag.BoolVar(&o.daemon, "daemon", true, "also measure meshless alone (daemon memory, CNI ADD time)")
-	flag.BoolVar(&o.workloads, "workloads", true, "measure the workloads (throughput, latency, request rates); -workloads=false with -daemon measures meshless alone")
+	flag.StringVar(&o.workloads, "workloads", "all", "workloads to run: all, none (with -daemon: meshless alone), or a comma-separated list of name parts (iperf3,hey)")
 	flag.IntVar(&o.reps, "reps", 5, "repetitions of every workload on every variant (medians are taken over them)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each iperf3, wrk and hey run")
 	flag.IntVar(&o.rrCount, "rr", 2000, "round trips measured per request/response run")
@@ -139,7 +139,7 @@ func run(ctx context.Context, env *conformance.CleanupStack, o options) (int, er
 	rep := newReport(o, tools)
 	rep.Started = time.Now()
 	startLoad := loadavg()
-	if o.workloads {
+	if o.workloads != "none" {
 		runWorkloads(ctx, b, rep, o)
 	}
 	if ctx.Err() != nil {

@@ -162,6 +162,9 @@ var workloads = []workload{
 func runWorkloads(ctx context.Context, b *harness.Bench, rep *report.Report, o options) {
 	for r := range o.reps {
 		for _, w := range workloads {
+			if !selected(w.name, o.workloads) {
+				continue
+			}
 			logf("repetition %d/%d: %s", r+1, o.reps, w.name)
 			for _, v := range b.Variants {
 				if ctx.Err() != nil {
@@ -279,4 +282,17 @@ func loadavg() string {
 		return "unknown"
 	}
 	return strings.Join(f[:3], " ")
+}
+
+// selected tells whether the workload called name is in the -workloads list.
+func selected(name, list string) bool {
+	if list == "all" {
+		return true
+	}
+	for part := range strings.SplitSeq(list, ",") {
+		if part = strings.TrimSpace(part); part != "" && strings.Contains(name, part) {
+			return true
+		}
+	}
+	return false
 }
