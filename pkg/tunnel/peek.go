@@ -89,6 +89,10 @@ func (p *prefixConn) Read(b []byte) (int, error) {
 	if len(p.prefix) > 0 {
 		n := copy(b, p.prefix)
 		p.prefix = p.prefix[n:]
+		if len(p.prefix) == 0 {
+			// Let the peek buffer go: the connection may stay open for days.
+			p.prefix = nil
+		}
 		return n, nil
 	}
 	return p.TCPConn.Read(b)

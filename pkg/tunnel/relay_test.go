@@ -170,3 +170,70 @@ func BenchmarkRelayTLS(b *testing.B) {
 		}
 	}
 }
+
+// copyAdaptive from a plain TCP source passes every byte through each of its modes: small
+// messages (pooled buffer taken on data), a burst that switches to the large buffer, small
+// messages again, and the source's end.
+func TestCopyAdaptiveFromTCP(t *testing.T) {
+	src, peer := tcpPair(t)
+	var dst bytes.Buffer
+	done := make(chan error, 1)
+	var n int64
+	go func() {
+		var err error
+		n, err = copyAdaptive(&dst, src)
+		done <- err
+	}()
+	var sent bytes.Buffer
+	send := func(p []byte) {
+		t.Helper()
+		sent.Write(p)
+		if _, err := peer.Write(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 20 {
+		send(bytes.Repeat([]byte{byte('a' + i)}, 1+i*100))
+		time.Sleep(time.Millisecond)
+	}
+	burst := make([]byte, 3<<20)
+	rand.Read(burst)
+	send(burst)
+	for i := range 20 {
+		send([]byte{byte(i), byte(i + 1)})
+		time.Sleep(time.Millisecond)
+	}
+	peer.CloseWrite()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("copy did not end")
+	}
+	if n != int64(sent.Len()) || !bytes.Equal(dst.Bytes(), sent.Bytes()) {
+		t.Fatalf("copied %d bytes, want %d, equal %v", n, sent.Len(), bytes.Equal(dst.Bytes(), sent.Bytes()))
+	}
+}
+
+// A reset of a plain TCP source is an error of the copy, not its clean end.
+func TestCopyAdaptiveTCPReset(t *testing.T) {
+	src, peer := tcpPair(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := copyAdaptive(io.Discard, src)
+		done <- err
+	}()
+	peer.Write([]byte("x"))
+	time.Sleep(10 * time.Millisecond)
+	reset(peer)
+	select {
+	case err := <-done:
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("copy error %v, want ECONNRESET", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("copy did not end")
+	}
+}
