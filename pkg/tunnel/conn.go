@@ -114,9 +114,7 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 	}
 
 	conn := tls.Client(up, cfg.TLS.Client(t.pod.ID))
-	ctx, cancel = context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
-	err = conn.HandshakeContext(ctx)
-	cancel()
+	err = handshake(conn, cfg.HandshakeTimeout)
 	if err != nil {
 		abort()
 		t.finish(f, resultHandshakeFailed, err)
@@ -136,7 +134,12 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 		return
 	}
 	cfg := &t.proxy.cfg
-	mesh, seen, err := peekHello(client, cfg.PeekTimeout)
+	var (
+		mesh bool
+		seen []byte
+		err  error
+	)
+	onOwnStack(func() { mesh, seen, err = peekHello(client, cfg.PeekTimeout) })
 	switch {
 	case errors.Is(err, io.EOF):
 		client.Close()
@@ -160,9 +163,7 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 
 	f.mtls = true
 	conn := tls.Server(&prefixConn{TCPConn: client, prefix: seen}, cfg.TLS.Server(t.pod.ID))
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
-	err = conn.HandshakeContext(ctx)
-	cancel()
+	err = handshake(conn, cfg.HandshakeTimeout)
 	if err != nil {
 		t.refuse(client, f, resultHandshakeFailed, err)
 		return
@@ -237,4 +238,28 @@ func addrPort(a net.Addr) netip.AddrPort {
 		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	}
 	return netip.AddrPort{}
+}
+
+// handshake runs the TLS handshake of c within timeout, on a stack of its own (see onOwnStack).
+func handshake(c *tls.Conn, timeout time.Duration) (err error) {
+	onOwnStack(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		err = c.HandshakeContext(ctx)
+	})
+	return err
+}
+
+// onOwnStack runs f on a goroutine of its own and waits for it. Parsing a ClientHello and running
+// a handshake need a deep stack (certificate checks, key exchange), while relaying needs a shallow
+// one for as long as the connection lives. A grown stack only shrinks at a collection, which an
+// idle daemon rarely runs, so the deep work done on the connection's own goroutine would leave
+// every long-lived connection holding it.
+func onOwnStack(f func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	<-done
 }

@@ -1,12 +1,14 @@
 package tunnel
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -97,23 +99,12 @@ func pipe(dst, src stream) (int64, error) {
 // copyAdaptive copies src to dst until src ends, through a small buffer while reads are small
 // and a pooled large one while they fill the small one. A read of less than a record gives the
 // large buffer back before the next read (which may wait for long), except right after it was
-// taken: the first read into it often just finishes a TLS record that the small buffer cut.
-//
-// A plain TCP source is waited on without any buffer: the small one comes from a pool once data
-// is there, so an idle connection holds none. A TLS source needs a buffer of its own across the
-// wait (crypto/tls may hold decrypted bytes that the socket no longer signals).
+// taken: the first read into it often just finishes a TLS record that the small buffer cut. While
+// a connection is idle, its relay holds no buffer at all (see source).
 func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
-	var raw *pooledReader
-	if tc, ok := src.(*net.TCPConn); ok {
-		rc, err := tc.SyscallConn()
-		if err != nil {
-			return 0, err
-		}
-		raw = newPooledReader(rc)
-	}
-	var small []byte
-	if raw == nil {
-		small = make([]byte, smallBufSize)
+	in, err := newSource(src)
+	if err != nil {
+		return 0, err
 	}
 	var large *[]byte
 	fresh := false
@@ -125,36 +116,37 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 	var written int64
 	for {
 		var (
-			nr     int
-			rerr   error
-			chunk  []byte
-			pooled *[]byte
+			buf  *[]byte
+			nr   int
+			rerr error
 		)
-		switch {
-		case large != nil:
-			nr, rerr = src.Read(*large)
-			chunk = (*large)[:nr]
-		case raw != nil:
-			pooled, nr, rerr = raw.read()
-			if pooled != nil {
-				chunk = (*pooled)[:nr]
+		if large != nil {
+			buf = large
+			nr, rerr = in.read(*large)
+			if errors.Is(rerr, errIdle) {
+				largeBufs.Put(large)
+				large = nil
+				continue
 			}
-		default:
-			nr, rerr = src.Read(small)
-			chunk = small[:nr]
+		} else {
+			buf, nr, rerr = in.readSmall()
 		}
 		if nr > 0 {
-			nw, werr := dst.Write(chunk)
+			nw, werr := dst.Write((*buf)[:nr])
 			written += int64(nw)
 			if werr == nil && nw != nr {
 				werr = io.ErrShortWrite
 			}
 			if werr != nil {
-				putSmall(pooled)
+				if buf != large {
+					in.release(buf)
+				}
 				return written, werr
 			}
 		}
-		putSmall(pooled)
+		if buf != large {
+			in.release(buf)
+		}
 		if rerr == io.EOF {
 			return written, nil
 		}
@@ -173,61 +165,155 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 	}
 }
 
-// pooledReader reads a plain TCP socket into a small pooled buffer, taken only once the socket
-// has data (or its end) to give: while it waits, the connection holds no buffer.
-type pooledReader struct {
+// idleAfter is how long a TLS source may stay silent before its relay gives its buffer back.
+// Reading it costs a read deadline, set at most once per idleAfter.
+const idleAfter = time.Second
+
+// errIdle reports that a TLS source stayed silent for idleAfter.
+var errIdle = errors.New("source idle")
+
+// source is the reading end of one direction of a relay. A plain TCP source is waited on without
+// any buffer: the small one comes from a pool once data is there. A TLS source cannot be waited on
+// that way at every read (crypto/tls may hold decrypted or received bytes that the socket no longer
+// signals), so it reads into a pooled buffer under a read deadline; only when that expires, which
+// proves that crypto/tls needs the socket, does it give the buffer back and wait on the socket.
+type source struct {
+	r  io.Reader
 	rc syscall.RawConn
-	// try is r.tryRead, bound once: a closure per read would be an allocation per read.
+	// tls is set for a TLS source whose socket can be waited on; nil for a plain TCP one.
+	tls interface{ SetReadDeadline(time.Time) error }
+	// armed tells whether tls has a read deadline set.
+	armed bool
+	// small is the buffer of a source that can be waited on neither way.
+	small *[]byte
+	// try is tryRead, bound once: a closure per read would be an allocation per read.
 	try   func(fd uintptr) bool
 	buf   *[]byte
 	n     int
 	opErr error
 }
 
-func newPooledReader(rc syscall.RawConn) *pooledReader {
-	r := &pooledReader{rc: rc}
-	r.try = r.tryRead
-	return r
+func newSource(r io.Reader) (*source, error) {
+	s := &source{r: r}
+	var sc syscall.Conn
+	switch c := r.(type) {
+	case *net.TCPConn:
+		sc = c
+	case *tls.Conn:
+		if pc, ok := c.NetConn().(*prefixConn); ok && len(pc.prefix) == 0 {
+			sc, s.tls = pc.TCPConn, c
+		} else if tc, ok := c.NetConn().(*net.TCPConn); ok {
+			sc, s.tls = tc, c
+		}
+	}
+	if sc == nil {
+		b := make([]byte, smallBufSize)
+		s.small = &b
+		return s, nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	s.rc = rc
+	s.try = s.tryRead
+	return s, nil
 }
 
-// tryRead is the RawConn callback: false sends the goroutine to wait for readability.
-func (r *pooledReader) tryRead(fd uintptr) bool {
+// readSmall reads into a small buffer, which the caller gives back with release.
+func (s *source) readSmall() (*[]byte, int, error) {
+	switch {
+	case s.small != nil:
+		n, err := s.r.Read(*s.small)
+		return s.small, n, err
+	case s.tls == nil:
+		return s.readTCP()
+	}
+	for {
+		b := smallBufs.Get().(*[]byte)
+		n, err := s.read(*b)
+		if !errors.Is(err, errIdle) {
+			return b, n, err
+		}
+		smallBufs.Put(b)
+		if err := s.waitReadable(); err != nil {
+			return nil, 0, err
+		}
+	}
+}
+
+// read reads into buf; a TLS source silent for idleAfter returns errIdle.
+func (s *source) read(buf []byte) (int, error) {
+	if s.tls == nil {
+		return s.r.Read(buf)
+	}
+	if !s.armed {
+		if err := s.tls.SetReadDeadline(time.Now().Add(idleAfter)); err != nil {
+			return 0, err
+		}
+		s.armed = true
+	}
+	n, err := s.r.Read(buf)
+	// crypto/tls keeps a partial record across a timeout and does not fail the connection.
+	if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+		s.armed = false
+		if err := s.tls.SetReadDeadline(time.Time{}); err != nil {
+			return 0, err
+		}
+		return 0, errIdle
+	}
+	return n, err
+}
+
+func (s *source) release(b *[]byte) {
+	if b != nil && b != s.small {
+		smallBufs.Put(b)
+	}
+}
+
+// readTCP reads a plain TCP socket into a small pooled buffer, taken only once the socket has
+// data (or its end) to give.
+func (s *source) readTCP() (*[]byte, int, error) {
+	s.buf, s.n, s.opErr = nil, 0, nil
+	err := s.rc.Read(s.try)
+	buf := s.buf
+	switch {
+	case err != nil:
+		s.release(buf)
+		return nil, 0, err
+	case s.opErr != nil:
+		s.release(buf)
+		return nil, 0, os.NewSyscallError("read", s.opErr)
+	case s.n == 0:
+		s.release(buf)
+		return nil, 0, io.EOF
+	}
+	return buf, s.n, nil
+}
+
+// tryRead is readTCP's RawConn callback: false sends the goroutine to wait for readability.
+func (s *source) tryRead(fd uintptr) bool {
 	b := smallBufs.Get().(*[]byte)
 	for {
-		r.n, r.opErr = unix.Read(int(fd), *b)
-		if r.opErr != unix.EINTR {
+		s.n, s.opErr = unix.Read(int(fd), *b)
+		if s.opErr != unix.EINTR {
 			break
 		}
 	}
-	if r.opErr == unix.EAGAIN {
+	if s.opErr == unix.EAGAIN {
 		smallBufs.Put(b)
 		return false
 	}
-	r.buf = b
+	s.buf = b
 	return true
 }
 
-// read returns the pooled buffer holding the n bytes read; the caller puts it back.
-func (r *pooledReader) read() (*[]byte, int, error) {
-	r.buf, r.n, r.opErr = nil, 0, nil
-	err := r.rc.Read(r.try)
-	buf := r.buf
-	switch {
-	case err != nil:
-		putSmall(buf)
-		return nil, 0, err
-	case r.opErr != nil:
-		putSmall(buf)
-		return nil, 0, os.NewSyscallError("read", r.opErr)
-	case r.n == 0:
-		putSmall(buf)
-		return nil, 0, io.EOF
-	}
-	return buf, r.n, nil
-}
-
-func putSmall(b *[]byte) {
-	if b != nil {
-		smallBufs.Put(b)
-	}
+// waitReadable waits until the TLS source's socket has bytes, its end or an error to give,
+// without taking them.
+func (s *source) waitReadable() error {
+	var peek [1]byte
+	return s.rc.Read(func(fd uintptr) bool {
+		_, _, err := unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return err != unix.EAGAIN
+	})
 }

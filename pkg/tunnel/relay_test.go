@@ -12,6 +12,7 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -235,5 +236,70 @@ func TestCopyAdaptiveTCPReset(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("copy did not end")
+	}
+}
+
+// splitWriter writes each write in two halves with a pause between, once enabled: TLS records
+// then reach the reader cut in two, the halves further apart than idleAfter.
+type splitWriter struct {
+	net.Conn
+	split atomic.Bool
+}
+
+func (w *splitWriter) Write(p []byte) (int, error) {
+	if !w.split.Load() || len(p) < 2 {
+		return w.Conn.Write(p)
+	}
+	n, err := w.Conn.Write(p[:len(p)/2])
+	if err != nil {
+		return n, err
+	}
+	time.Sleep(idleAfter + idleAfter/2)
+	m, err := w.Conn.Write(p[len(p)/2:])
+	return n + m, err
+}
+
+// A TLS source that goes idle (its relay gives the buffer back and waits on the socket) loses
+// nothing: not across a silence, nor when a record arrives in two halves that far apart.
+func TestRelayTLSSourceIdle(t *testing.T) {
+	client, a := tcpPair(t)
+	rawB, rawS := tcpPair(t)
+	cert := selfSigned(t)
+	tlsB := tls.Client(rawB, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
+	slow := &splitWriter{Conn: rawS}
+	tlsS := tls.Server(slow, &tls.Config{Certificates: []tls.Certificate{cert}})
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := relay(a, tlsB, func() { reset(a); reset(rawB) })
+		a.Close()
+		rawB.Close()
+		done <- err
+	}()
+	if err := tlsS.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tlsS.Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(idleAfter + idleAfter/2)
+	slow.split.Store(true)
+	if _, err := tlsS.Write([]byte("second, cut in two")); err != nil {
+		t.Fatal(err)
+	}
+	slow.split.Store(false)
+	tlsS.CloseWrite()
+	client.SetReadDeadline(time.Now().Add(20 * time.Second))
+	got, err := io.ReadAll(client)
+	if err != nil || string(got) != "firstsecond, cut in two" {
+		t.Fatalf("client got %q, %v", got, err)
+	}
+	client.CloseWrite()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("relay did not finish")
 	}
 }
