@@ -211,11 +211,12 @@ func Setup(ctx context.Context, env conformance.Env, cfg Config) (*Bench, error)
 }
 
 // NodeConfig is the benchmark's node: meshlessd and meshless-cni at their default log level
-// (info: one line per proxied connection), not the harness's debug. MESHLESS_BENCH_DAEMON_ENV
-// ("KEY=VALUE ...") is added to meshlessd's environment, to compare runtime settings.
+// (info: one line per proxied connection), not the harness's debug. To compare settings,
+// MESHLESS_BENCH_DAEMON_ARGS ("--pq=false ...") is added to meshlessd's arguments and
+// MESHLESS_BENCH_DAEMON_ENV ("KEY=VALUE ...") to its environment.
 func NodeConfig() conformance.NodeConfig {
 	return conformance.NodeConfig{
-		DaemonArgs: []string{"--log-level", "info"},
+		DaemonArgs: append([]string{"--log-level", "info"}, strings.Fields(os.Getenv("MESHLESS_BENCH_DAEMON_ARGS"))...),
 		DaemonEnv:  strings.Fields(os.Getenv("MESHLESS_BENCH_DAEMON_ENV")),
 		PluginConf: map[string]any{"logLevel": "info"},
 	}
