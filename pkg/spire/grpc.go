@@ -17,7 +17,7 @@ import (
 // The source needs two server-streaming calls of the agent's admin socket, so it speaks gRPC over
 // HTTP/2 itself (net/http's cleartext HTTP/2 with prior knowledge, which gRPC servers accept)
 // instead of linking grpc-go: that library and its dependencies, initialised in every daemon at
-// start-up whether SPIRE is used or not, were a sixth of the daemon's resident memory. Retries
+// start-up whether SPIRE is used or not, were a quarter of the daemon's resident memory. Retries
 // and backoff are the source's own (follow); a lost connection is dialled again by the next
 // call.
 

@@ -122,11 +122,11 @@ func New(cfg Config) (*Source, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	// The admin socket is local and the agent authorizes the caller by its process, so there is
+	// no transport security to add.
 	s := &Source{
-		cfg: cfg,
-		log: log.With("socket", path),
-		// The admin socket is local and the agent authorizes the caller by its process, so
-		// there is no transport security to add.
+		cfg:       cfg,
+		log:       log.With("socket", path),
 		client:    newAgentClient(path),
 		now:       time.Now,
 		ctx:       ctx,
