@@ -24,9 +24,9 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-	corev1 "k8s.io/api/core/v1"
 
 	"github.com/meshless/meshless/pkg/cniconf"
+	"github.com/meshless/meshless/pkg/kube"
 )
 
 // ContainerIDPrefix starts the container ID under which an adopted pod is enrolled: the
@@ -40,7 +40,7 @@ const podAnnotationsCapability = "io.kubernetes.cri.pod-annotations"
 // Config is what an Adopter works from.
 type Config struct {
 	// Pods lists the node's pods as the Kubernetes API shows them.
-	Pods func() []*corev1.Pod
+	Pods func() []*kube.Pod
 	// Known reports whether the daemon already knows the pod with this UID (enrolled or skipped).
 	Known func(uid string) bool
 	// NetnsDir is where the runtime pins pods' network namespaces (/var/run/netns).
@@ -85,7 +85,7 @@ func (a *Adopter) Run(ctx context.Context, interval time.Duration) {
 // Once adopts every running pod of the node that the daemon does not know, and returns how
 // many it adopted.
 func (a *Adopter) Once(ctx context.Context) int {
-	var candidates []*corev1.Pod
+	var candidates []*kube.Pod
 	for _, p := range a.cfg.Pods() {
 		if adoptable(p) && !a.cfg.Known(string(p.UID)) {
 			candidates = append(candidates, p)
@@ -119,11 +119,11 @@ func (a *Adopter) Once(ctx context.Context) int {
 }
 
 // adoptable is a pod whose network the runtime set up with CNI and that runs now.
-func adoptable(p *corev1.Pod) bool {
-	return !p.Spec.HostNetwork && p.DeletionTimestamp == nil && p.Status.Phase == corev1.PodRunning && len(p.Status.PodIPs) > 0
+func adoptable(p *kube.Pod) bool {
+	return !p.Spec.HostNetwork && p.DeletionTimestamp == nil && p.Status.Phase == kube.PodRunning && len(p.Status.PodIPs) > 0
 }
 
-func (a *Adopter) noteFailure(p *corev1.Pod, err error) {
+func (a *Adopter) noteFailure(p *kube.Pod, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.failed[string(p.UID)] == err.Error() {
@@ -140,7 +140,7 @@ type attachment struct {
 }
 
 // adopt runs meshless-cni ADD for the pod, with a prevResult describing the pod's interface.
-func (a *Adopter) adopt(ctx context.Context, p *corev1.Pod, network, cniVersion string, entry []byte, byIP map[netip.Addr][]attachment) error {
+func (a *Adopter) adopt(ctx context.Context, p *kube.Pod, network, cniVersion string, entry []byte, byIP map[netip.Addr][]attachment) error {
 	var (
 		at  *attachment
 		ips []*current.IPConfig

@@ -6,8 +6,9 @@ import (
 	"testing"
 
 	current "github.com/containernetworking/cni/pkg/types/100"
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/meshless/meshless/pkg/kube"
 )
 
 func TestPluginInputIsWhatARuntimeSends(t *testing.T) {
@@ -61,21 +62,21 @@ func TestPluginInputIsWhatARuntimeSends(t *testing.T) {
 }
 
 func TestAdoptable(t *testing.T) {
-	running := func(mutate func(p *corev1.Pod)) *corev1.Pod {
-		p := &corev1.Pod{Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIPs: []corev1.PodIP{{IP: "10.244.1.7"}}}}
+	running := func(mutate func(p *kube.Pod)) *kube.Pod {
+		p := &kube.Pod{Status: kube.PodStatus{Phase: kube.PodRunning, PodIPs: []kube.PodIP{{IP: "10.244.1.7"}}}}
 		mutate(p)
 		return p
 	}
 	now := metav1.Now()
 	for name, tc := range map[string]struct {
-		pod  *corev1.Pod
+		pod  *kube.Pod
 		want bool
 	}{
-		"running":      {running(func(*corev1.Pod) {}), true},
-		"host network": {running(func(p *corev1.Pod) { p.Spec.HostNetwork = true }), false},
-		"pending":      {running(func(p *corev1.Pod) { p.Status.Phase = corev1.PodPending }), false},
-		"no IP yet":    {running(func(p *corev1.Pod) { p.Status.PodIPs = nil }), false},
-		"terminating":  {running(func(p *corev1.Pod) { p.DeletionTimestamp = &now }), false},
+		"running":      {running(func(*kube.Pod) {}), true},
+		"host network": {running(func(p *kube.Pod) { p.Spec.HostNetwork = true }), false},
+		"pending":      {running(func(p *kube.Pod) { p.Status.Phase = "Pending" }), false},
+		"no IP yet":    {running(func(p *kube.Pod) { p.Status.PodIPs = nil }), false},
+		"terminating":  {running(func(p *kube.Pod) { p.DeletionTimestamp = &now }), false},
 	} {
 		if got := adoptable(tc.pod); got != tc.want {
 			t.Errorf("%s: adoptable = %v, want %v", name, got, tc.want)

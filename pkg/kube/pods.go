@@ -13,11 +13,9 @@ import (
 	"sync"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -46,9 +44,9 @@ func InCluster() bool {
 }
 
 // NewClient connects to the API server described by the kubeconfig file at path or, when path is
-// empty, by the in-cluster configuration. The client is a REST client of the core/v1 API only:
-// not client-go's typed clientset, whose scheme registers every API group at start-up and costs
-// the daemon tens of MiB of resident memory for types it never reads.
+// empty, by the in-cluster configuration. The client is a REST client of the core/v1 API only,
+// decoding pods into Pod: not client-go's typed clientset, whose scheme registers every API group
+// at start-up and costs the daemon tens of MiB of resident memory for types it never reads.
 func NewClient(kubeconfig string) (rest.Interface, error) {
 	var (
 		rc  *rest.Config
@@ -74,16 +72,14 @@ func NewClient(kubeconfig string) (rest.Interface, error) {
 }
 
 // coreV1Client is a REST client of the core/v1 API at rc, with a scheme of its own that knows
-// core/v1 and the meta/v1 types (Status, WatchEvent, list options) and nothing else.
+// Pod, PodList and the meta/v1 types (Status, WatchEvent, list options) and nothing else. It
+// speaks JSON, which decodes into Pod whatever fields the server adds.
 func coreV1Client(rc *rest.Config) (*rest.RESTClient, error) {
 	scheme := runtime.NewScheme()
-	metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
-	if err := corev1.AddToScheme(scheme); err != nil {
-		return nil, err
-	}
+	addPodTypes(scheme)
 	cfg := rest.CopyConfig(rc)
 	cfg.APIPath = "/api"
-	cfg.GroupVersion = &corev1.SchemeGroupVersion
+	cfg.GroupVersion = &podGroupVersion
 	cfg.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
 	if cfg.UserAgent == "" {
 		cfg.UserAgent = rest.DefaultKubernetesUserAgent()
@@ -95,9 +91,10 @@ func coreV1Client(rc *rest.Config) (*rest.RESTClient, error) {
 type Config struct {
 	// Client is a REST client of the core/v1 API, as NewClient returns.
 	Client rest.Interface
-	// ListWatch, when set, lists and watches the node's pods in place of Client (which may then
-	// be nil): tests use it to serve pods from client-go's fake clientset. It must itself keep
-	// to the pods of Node, as Client's list and watch do with a spec.nodeName field selector.
+	// ListWatch, when set, lists and watches the node's pods (as *Pod and *PodList) in place of
+	// Client (which may then be nil): tests use it to serve pods from client-go's fake clientset.
+	// It must itself keep to the pods of Node, as Client's list and watch do with a
+	// spec.nodeName field selector.
 	ListWatch cache.ListerWatcher
 	// Node is this node's name: only pods with this spec.nodeName are watched.
 	Node string
@@ -143,7 +140,11 @@ func New(cfg Config) (*Pods, error) {
 			func(o *metav1.ListOptions) { o.FieldSelector = onNode })
 	}
 	// No resync: the answer depends only on what the API says, and every change arrives by watch.
-	informer := cache.NewSharedIndexInformer(lw, &corev1.Pod{}, 0, cache.Indexers{})
+	informer := cache.NewSharedIndexInformer(lw, &Pod{}, 0, cache.Indexers{})
+	// The server's field-ownership records are the bulk of a pod's metadata and never read.
+	if err := informer.SetTransform(dropManagedFields); err != nil {
+		return nil, fmt.Errorf("kube: pod informer: %w", err)
+	}
 	p := &Pods{node: cfg.Node, wait: cfg.Wait, log: cfg.Log, informer: informer, changed: make(chan struct{})}
 	if _, err := informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { p.notify() },
@@ -152,6 +153,13 @@ func New(cfg Config) (*Pods, error) {
 		return nil, fmt.Errorf("kube: pod informer: %w", err)
 	}
 	return p, nil
+}
+
+func dropManagedFields(obj any) (any, error) {
+	if pod, ok := obj.(*Pod); ok {
+		pod.ManagedFields = nil
+	}
+	return obj, nil
 }
 
 // Run watches the node's pods until ctx ends.
@@ -165,11 +173,11 @@ func (p *Pods) Run(ctx context.Context) {
 
 // List returns the node's pods as the watch last saw them. The pods are shared with the watch's
 // cache: callers must not modify them.
-func (p *Pods) List() []*corev1.Pod {
+func (p *Pods) List() []*Pod {
 	objs := p.informer.GetStore().List()
-	out := make([]*corev1.Pod, 0, len(objs))
+	out := make([]*Pod, 0, len(objs))
 	for _, o := range objs {
-		out = append(out, o.(*corev1.Pod))
+		out = append(out, o.(*Pod))
 	}
 	return out
 }
@@ -209,7 +217,7 @@ func (p *Pods) Describe(ctx context.Context, want enroll.Pod) (string, map[strin
 			return "", nil, fmt.Errorf("pod %s in the informer cache: %w", key, err)
 		}
 		if ok {
-			pod := obj.(*corev1.Pod)
+			pod := obj.(*Pod)
 			if want.UID == "" || string(pod.UID) == want.UID {
 				annotations := pod.Annotations
 				if annotations == nil {
@@ -251,7 +259,7 @@ func (p *Pods) notFound(want enroll.Pod, otherUID string, cause error) error {
 
 // serviceAccountName is the pod's service account; an empty name means "default", as in
 // Kubernetes (its admission fills it in, but an API server without that plugin leaves it empty).
-func serviceAccountName(pod *corev1.Pod) string {
+func serviceAccountName(pod *Pod) string {
 	if pod.Spec.ServiceAccountName == "" {
 		return "default"
 	}

@@ -6,6 +6,7 @@ package kube_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"path/filepath"
 	"strings"
@@ -32,17 +33,44 @@ func TestNewNeedsClientAndNode(t *testing.T) {
 	}
 }
 
-// fakePods lists and watches pods from client-go's fake clientset holding objs.
+// fakePods lists and watches pods from client-go's fake clientset holding objs, converted to
+// kube.Pod through their JSON as the API server's answers are.
 func fakePods(objs ...runtime.Object) cache.ListerWatcher {
 	c := fake.NewClientset(objs...)
 	return &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			return c.CoreV1().Pods(metav1.NamespaceAll).List(ctx, o)
+			list, err := c.CoreV1().Pods(metav1.NamespaceAll).List(ctx, o)
+			if err != nil {
+				return nil, err
+			}
+			var out kube.PodList
+			return &out, viaJSON(list, &out)
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			return c.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, o)
+			w, err := c.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, o)
+			if err != nil {
+				return nil, err
+			}
+			return watch.Filter(w, func(e watch.Event) (watch.Event, bool) {
+				if pod, ok := e.Object.(*corev1.Pod); ok {
+					var out kube.Pod
+					if err := viaJSON(pod, &out); err != nil {
+						panic(err)
+					}
+					e.Object = &out
+				}
+				return e, true
+			}), nil
 		},
 	}
+}
+
+func viaJSON(from, to any) error {
+	raw, err := json.Marshal(from)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(raw, to)
 }
 
 func TestEmptyServiceAccountNameIsDefault(t *testing.T) {
@@ -101,5 +129,26 @@ func TestNewClientErrors(t *testing.T) {
 	missing := filepath.Join(t.TempDir(), "nope.kubeconfig")
 	if _, err := kube.NewClient(missing); err == nil || !strings.Contains(err.Error(), missing) {
 		t.Errorf("NewClient(%s): error %v, want one naming the file", missing, err)
+	}
+}
+
+func TestPodDeepCopySharesNothing(t *testing.T) {
+	now := metav1.Now()
+	orig := &kube.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Annotations: map[string]string{"a": "1"}, DeletionTimestamp: &now},
+		Status:     kube.PodStatus{Phase: kube.PodRunning, PodIPs: []kube.PodIP{{IP: "10.0.0.1"}}},
+	}
+	cp := orig.DeepCopyObject().(*kube.Pod)
+	cp.Annotations["a"] = "2"
+	cp.Status.PodIPs[0].IP = "10.0.0.2"
+	*cp.DeletionTimestamp = metav1.Time{}
+	if orig.Annotations["a"] != "1" || orig.Status.PodIPs[0].IP != "10.0.0.1" || orig.DeletionTimestamp.IsZero() {
+		t.Errorf("changing the copy changed the original: %+v", orig)
+	}
+	list := &kube.PodList{Items: []kube.Pod{*orig}}
+	lcp := list.DeepCopyObject().(*kube.PodList)
+	lcp.Items[0].Status.PodIPs[0].IP = "10.0.0.3"
+	if orig.Status.PodIPs[0].IP != "10.0.0.1" {
+		t.Error("changing a copied list changed the original pod")
 	}
 }

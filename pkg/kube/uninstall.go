@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
@@ -17,8 +16,12 @@ import (
 // release the pods: during a restart their traffic must stay captured and refused until the new
 // daemon is back. client is a core/v1 REST client, as NewClient returns.
 func Uninstalling(ctx context.Context, client rest.Interface, namespace, daemonSet string) (bool, error) {
-	var ns corev1.Namespace
-	err := client.Get().Resource("namespaces").Name(namespace).Do(ctx).Into(&ns)
+	// Only the metadata of the namespace and of the DaemonSet is read, off the server's JSON.
+	var ns objectMeta
+	raw, err := client.Get().Resource("namespaces").Name(namespace).DoRaw(ctx)
+	if err == nil {
+		err = json.Unmarshal(raw, &ns)
+	}
 	switch {
 	case apierrors.IsNotFound(err):
 		return true, nil
@@ -29,22 +32,25 @@ func Uninstalling(ctx context.Context, client rest.Interface, namespace, daemonS
 		return true, nil
 	case err != nil:
 		return false, fmt.Errorf("namespace %s: %w", namespace, err)
-	case ns.DeletionTimestamp != nil:
+	case ns.Metadata.DeletionTimestamp != nil:
 		return true, nil
 	}
-	// DaemonSets are in apps/v1, outside the core/v1 client's scheme: only their metadata is read.
-	raw, err := client.Get().AbsPath("/apis/apps/v1/namespaces", namespace, "daemonsets", daemonSet).DoRaw(ctx)
+	// DaemonSets are in apps/v1, outside the core/v1 client's scheme.
+	raw, err = client.Get().AbsPath("/apis/apps/v1/namespaces", namespace, "daemonsets", daemonSet).DoRaw(ctx)
 	switch {
 	case apierrors.IsNotFound(err), apierrors.IsUnauthorized(err), apierrors.IsForbidden(err):
 		return true, nil
 	case err != nil:
 		return false, fmt.Errorf("daemonset %s/%s: %w", namespace, daemonSet, err)
 	}
-	var ds struct {
-		Metadata metav1.ObjectMeta `json:"metadata"`
-	}
+	var ds objectMeta
 	if err := json.Unmarshal(raw, &ds); err != nil {
 		return false, fmt.Errorf("daemonset %s/%s: %w", namespace, daemonSet, err)
 	}
 	return ds.Metadata.DeletionTimestamp != nil, nil
+}
+
+// objectMeta is any API object, as far as its metadata.
+type objectMeta struct {
+	Metadata metav1.ObjectMeta `json:"metadata"`
 }

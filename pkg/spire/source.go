@@ -32,11 +32,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
-	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/credentials/insecure"
 
 	meshtls "github.com/meshless/meshless/pkg/tls"
 )
@@ -71,8 +66,7 @@ type Config struct {
 type Source struct {
 	cfg    Config
 	log    *slog.Logger
-	conn   *grpc.ClientConn
-	client delegatedidentityv1.DelegatedIdentityClient
+	client *agentClient
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -127,24 +121,13 @@ func New(cfg Config) (*Source, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	// The admin socket is local and the agent authorizes the caller by its process, so there is
-	// no transport security to add. gRPC's own reconnection backoff is capped like ours: its
-	// default cap of two minutes would leave streams failing long after the agent is back.
-	conn, err := grpc.NewClient("unix://"+path,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: minBackoff, Multiplier: 2, Jitter: 0.2, MaxDelay: cfg.MaxBackoff},
-			MinConnectTimeout: 2 * time.Second,
-		}))
-	if err != nil {
-		return nil, fmt.Errorf("spire: admin socket %s: %w", path, err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
+	// The admin socket is local and the agent authorizes the caller by its process, so there is
+	// no transport security to add.
 	s := &Source{
 		cfg:       cfg,
 		log:       log.With("socket", path),
-		conn:      conn,
-		client:    delegatedidentityv1.NewDelegatedIdentityClient(conn),
+		client:    newAgentClient(path),
 		now:       time.Now,
 		ctx:       ctx,
 		cancel:    cancel,
@@ -163,7 +146,8 @@ func New(cfg Config) (*Source, error) {
 func (s *Source) Close() error {
 	s.cancel()
 	s.wg.Wait()
-	return s.conn.Close()
+	s.client.close()
+	return nil
 }
 
 // Acquire makes sure an SVID for w's ID is held, subscribing to it (or joining the subscription
@@ -339,19 +323,22 @@ func (s *Source) follow(ctx context.Context, stream, id string, run func(ctx con
 // streamSVIDs subscribes to the SVIDs SPIRE issues for sub's selectors and records each update
 // until the stream ends, calling delivered at each.
 func (s *Source) streamSVIDs(ctx context.Context, sub *subscription, delivered func()) error {
-	stream, err := s.client.SubscribeToX509SVIDs(ctx, &delegatedidentityv1.SubscribeToX509SVIDsRequest{
-		Selectors: selectors(sub.w),
-	})
+	stream, err := s.client.subscribe(ctx, methodSubscribeToX509SVIDs, marshalSVIDsRequest(selectors(sub.w)))
 	if err != nil {
 		return fmt.Errorf("subscribe to X.509-SVIDs: %w", err)
 	}
+	defer stream.close()
 	for {
-		resp, err := stream.Recv()
+		msg, err := stream.recv()
 		if err != nil {
 			return streamEnd("X.509-SVID", err)
 		}
+		svids, err := unmarshalSVIDsResponse(msg)
+		if err != nil {
+			return err
+		}
 		delivered()
-		s.updateSVID(sub, resp.GetX509Svids())
+		s.updateSVID(sub, svids)
 	}
 }
 
@@ -359,15 +346,14 @@ func (s *Source) streamSVIDs(ctx context.Context, sub *subscription, delivered f
 // with other IDs whose selectors also match) are ignored. An update without sub's ID (no
 // matching entry, or one removed) keeps the held SVID until it expires: the SPIRE agent may
 // answer so while it has not synced its entries from the server yet.
-func (s *Source) updateSVID(sub *subscription, got []*delegatedidentityv1.X509SVIDWithKey) {
+func (s *Source) updateSVID(sub *subscription, got []x509SVIDWithKey) {
 	id := sub.w.ID
-	var found *delegatedidentityv1.X509SVIDWithKey
+	var found *x509SVIDWithKey
 	var offered []string
-	for _, x := range got {
-		xid := spiffeIDString(x.GetX509Svid().GetId())
-		offered = append(offered, xid)
-		if xid == id.String() {
-			found = x
+	for i, x := range got {
+		offered = append(offered, x.id)
+		if x.id == id.String() {
+			found = &got[i]
 		}
 	}
 	if found == nil {
@@ -376,7 +362,7 @@ func (s *Source) updateSVID(sub *subscription, got []*delegatedidentityv1.X509SV
 		s.log.Warn("spire svid not issued", "spiffe_id", id.String(), "reason", err.Error())
 		return
 	}
-	svid, err := x509svid.ParseRaw(bytes.Join(found.GetX509Svid().GetCertChain(), nil), found.GetX509SvidKey())
+	svid, err := x509svid.ParseRaw(bytes.Join(found.certChain, nil), found.key)
 	if err == nil && svid.ID != id {
 		err = fmt.Errorf("certificate names %s", svid.ID)
 	}
@@ -413,17 +399,23 @@ func (s *Source) updateSVID(sub *subscription, got []*delegatedidentityv1.X509SV
 // streamBundles subscribes to the X.509 bundles of all trust domains the agent knows and records
 // each update until the stream ends, calling delivered at each.
 func (s *Source) streamBundles(ctx context.Context, delivered func()) error {
-	stream, err := s.client.SubscribeToX509Bundles(ctx, &delegatedidentityv1.SubscribeToX509BundlesRequest{})
+	// SubscribeToX509BundlesRequest has no fields.
+	stream, err := s.client.subscribe(ctx, methodSubscribeToX509Bundles, nil)
 	if err != nil {
 		return fmt.Errorf("subscribe to X.509 bundles: %w", err)
 	}
+	defer stream.close()
 	for {
-		resp, err := stream.Recv()
+		msg, err := stream.recv()
 		if err != nil {
 			return streamEnd("X.509 bundle", err)
 		}
+		bundles, err := unmarshalBundlesResponse(msg)
+		if err != nil {
+			return err
+		}
 		delivered()
-		s.updateBundles(resp.GetCaCertificates())
+		s.updateBundles(bundles)
 	}
 }
 
@@ -522,30 +514,23 @@ func (s *Source) broadcastLocked() {
 }
 
 // selectors are the SPIRE selectors of a pod, named as SPIRE's k8s workload attestor names them.
-func selectors(w meshtls.Workload) []*types.Selector {
-	sel := []*types.Selector{
-		{Type: "k8s", Value: "ns:" + w.Namespace},
-		{Type: "k8s", Value: "sa:" + w.ServiceAccount},
+func selectors(w meshtls.Workload) []selector {
+	sel := []selector{
+		{typ: "k8s", value: "ns:" + w.Namespace},
+		{typ: "k8s", value: "sa:" + w.ServiceAccount},
 	}
 	if w.PodUID != "" {
-		sel = append(sel, &types.Selector{Type: "k8s", Value: "pod-uid:" + w.PodUID})
+		sel = append(sel, selector{typ: "k8s", value: "pod-uid:" + w.PodUID})
 	}
 	return sel
 }
 
-func selectorString(sel []*types.Selector) string {
+func selectorString(sel []selector) string {
 	parts := make([]string, len(sel))
 	for i, x := range sel {
-		parts[i] = x.GetType() + ":" + x.GetValue()
+		parts[i] = x.typ + ":" + x.value
 	}
 	return strings.Join(parts, ",")
-}
-
-func spiffeIDString(id *types.SPIFFEID) string {
-	if id == nil {
-		return ""
-	}
-	return "spiffe://" + id.GetTrustDomain() + id.GetPath()
 }
 
 // streamEnd words why a stream ended; a clean end means the agent closed it (it is stopping).

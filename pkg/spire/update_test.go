@@ -17,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	delegatedidentityv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
+	"google.golang.org/protobuf/proto"
 )
 
 // These tests feed the source updates as the agent would send them, without an agent, for the
@@ -90,18 +91,33 @@ func (ca *testCA) svid(t *testing.T, id spiffeid.ID, serial int64) *delegatedide
 	}
 }
 
+// agentUpdate is the SVIDs of an update as the source reads it off the wire: encoded by the
+// generated types, decoded by the source's own decoder.
+func agentUpdate(t *testing.T, svids ...*delegatedidentityv1.X509SVIDWithKey) []x509SVIDWithKey {
+	t.Helper()
+	raw, err := proto.Marshal(&delegatedidentityv1.SubscribeToX509SVIDsResponse{X509Svids: svids})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := unmarshalSVIDsResponse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
 func TestUpdateSVIDFollowsOnlyItsID(t *testing.T) {
 	s := bareSource()
 	ca := newTestCA(t)
 	sub := &subscription{refs: 1, w: buyer.workload("p1")}
 	s.subs[buyer.id()] = sub
 
-	s.updateSVID(sub, []*delegatedidentityv1.X509SVIDWithKey{ca.svid(t, seller.id(), 2)})
+	s.updateSVID(sub, agentUpdate(t, ca.svid(t, seller.id(), 2)))
 	if sub.svid != nil || sub.err == nil || !strings.Contains(sub.err.Error(), seller.id().String()) {
 		t.Fatalf("an update with another ID only: svid %v, err %v", sub.svid, sub.err)
 	}
 
-	s.updateSVID(sub, []*delegatedidentityv1.X509SVIDWithKey{ca.svid(t, seller.id(), 3), ca.svid(t, buyer.id(), 4)})
+	s.updateSVID(sub, agentUpdate(t, ca.svid(t, seller.id(), 3), ca.svid(t, buyer.id(), 4)))
 	got, err := s.SVID(buyer.id())
 	if err != nil || got.Certificates[0].SerialNumber.Int64() != 4 {
 		t.Fatalf("SVID after an update carrying it: %v, %v", got, err)
@@ -116,7 +132,7 @@ func TestUpdateSVIDFollowsOnlyItsID(t *testing.T) {
 	// A certificate whose key does not match is refused; the held SVID stays.
 	bad := ca.svid(t, buyer.id(), 5)
 	bad.X509SvidKey = ca.svid(t, buyer.id(), 6).X509SvidKey
-	s.updateSVID(sub, []*delegatedidentityv1.X509SVIDWithKey{bad})
+	s.updateSVID(sub, agentUpdate(t, bad))
 	if got, _ := s.SVID(buyer.id()); got.Certificates[0].SerialNumber.Int64() != 4 {
 		t.Fatal("an SVID with a mismatched key replaced the held one")
 	}
@@ -124,7 +140,7 @@ func TestUpdateSVIDFollowsOnlyItsID(t *testing.T) {
 		t.Errorf("mismatched key not reported: %v", sub.err)
 	}
 
-	s.updateSVID(sub, []*delegatedidentityv1.X509SVIDWithKey{ca.svid(t, buyer.id(), 7)})
+	s.updateSVID(sub, agentUpdate(t, ca.svid(t, buyer.id(), 7)))
 	if got, _ := s.SVID(buyer.id()); got.Certificates[0].SerialNumber.Int64() != 7 {
 		t.Fatal("a rotated SVID was not taken")
 	}
