@@ -205,13 +205,8 @@ func TestCopyAdaptiveFromTCP(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	peer.CloseWrite()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("copy did not end")
+	if err := waitDone(t, done, "copy"); err != nil {
+		t.Fatal(err)
 	}
 	if n != int64(sent.Len()) || !bytes.Equal(dst.Bytes(), sent.Bytes()) {
 		t.Fatalf("copied %d bytes, want %d, equal %v", n, sent.Len(), bytes.Equal(dst.Bytes(), sent.Bytes()))
@@ -229,13 +224,20 @@ func TestCopyAdaptiveTCPReset(t *testing.T) {
 	peer.Write([]byte("x"))
 	time.Sleep(10 * time.Millisecond)
 	reset(peer)
+	if err := waitDone(t, done, "copy"); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("copy error %v, want ECONNRESET", err)
+	}
+}
+
+// waitDone returns what the goroutine doing what sent on done, failing the test if it never ends.
+func waitDone(t *testing.T, done <-chan error, what string) error {
+	t.Helper()
 	select {
 	case err := <-done:
-		if !errors.Is(err, syscall.ECONNRESET) {
-			t.Fatalf("copy error %v, want ECONNRESET", err)
-		}
+		return err
 	case <-time.After(10 * time.Second):
-		t.Fatal("copy did not end")
+		t.Fatalf("%s did not end", what)
+		return nil
 	}
 }
 
@@ -294,12 +296,7 @@ func TestRelayTLSSourceIdle(t *testing.T) {
 		t.Fatalf("client got %q, %v", got, err)
 	}
 	client.CloseWrite()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("relay did not finish")
+	if err := waitDone(t, done, "relay"); err != nil {
+		t.Fatal(err)
 	}
 }
