@@ -131,26 +131,24 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 		} else {
 			buf, nr, rerr = in.readSmall()
 		}
+		var werr error
 		if nr > 0 {
-			nw, werr := dst.Write((*buf)[:nr])
+			var nw int
+			nw, werr = dst.Write((*buf)[:nr])
 			written += int64(nw)
 			if werr == nil && nw != nr {
 				werr = io.ErrShortWrite
-			}
-			if werr != nil {
-				if buf != large {
-					in.release(buf)
-				}
-				return written, werr
 			}
 		}
 		if buf != large {
 			in.release(buf)
 		}
-		if rerr == io.EOF {
+		switch {
+		case werr != nil:
+			return written, werr
+		case rerr == io.EOF:
 			return written, nil
-		}
-		if rerr != nil {
+		case rerr != nil:
 			return written, rerr
 		}
 		switch {
