@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 
@@ -45,6 +46,7 @@ func toolName(b Backend, family int, suffix string) string {
 // familyTools holds the programs of one family; they are resolved in the host netns, before
 // entering the pod's.
 type familyTools struct {
+	backend  Backend
 	family   int
 	iptables string
 	save     string
@@ -66,7 +68,7 @@ func resolveTools(b Backend, families []int) ([]familyTools, error) {
 		if err != nil {
 			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
 		}
-		out = append(out, familyTools{family: f, iptables: ipt, save: save, restore: restore})
+		out = append(out, familyTools{backend: b, family: f, iptables: ipt, save: save, restore: restore})
 	}
 	return out, nil
 }
@@ -99,30 +101,34 @@ func prepare(c Config) (Config, []familyTools, error) {
 // family are written in one iptables-restore --noflush transaction together with whichever jumps
 // are missing, so a pod is never half captured and applying twice leaves exactly one copy of
 // everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
-// the CNI calls of one pod). The families are independent and go in side by side: a dual-stack
-// pod's ADD waits for the slower family, not for the sum.
+// the CNI calls of one pod). The families and the policy routing are independent and go in side
+// by side: a pod's ADD waits for the slowest of them, not for the sum.
 func Apply(nsPath string, c Config) error {
 	c, tools, err := prepare(c)
 	if err != nil {
 		return err
 	}
-	// The policy route points at lo, which the kernel only accepts while lo is up.
-	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error { return ensureLoopbackUp() })
-	if err != nil {
-		return fmt.Errorf("install capture in netns %s: %w", nsPath, err)
-	}
-	errs := make([]error, len(tools))
+	errs := make([]error, len(tools)+1)
 	var wg sync.WaitGroup
-	for i, t := range tools {
-		wg.Go(func() {
-			// Each goroutine enters the netns on its own thread: programs started from it
-			// inherit the netns, those of another goroutine would not.
-			errs[i] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-				if err := applyFamily(t, c); err != nil {
+	// Each goroutine enters the netns on its own thread: programs started from it inherit the
+	// netns, those of another goroutine would not.
+	wg.Go(func() {
+		errs[0] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+			// The policy route points at lo, which the kernel only accepts while lo is up.
+			if err := ensureLoopbackUp(); err != nil {
+				return err
+			}
+			for _, t := range tools {
+				if err := applyRouting(t.family); err != nil {
 					return err
 				}
-				return applyRouting(t.family)
-			})
+			}
+			return nil
+		})
+	})
+	for i, t := range tools {
+		wg.Go(func() {
+			errs[i+1] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error { return applyFamily(t, c) })
 		})
 	}
 	wg.Wait()
@@ -132,28 +138,47 @@ func Apply(nsPath string, c Config) error {
 	return nil
 }
 
-// applyFamily runs two programs: one iptables-save to see which jumps are in place already, and
-// one iptables-restore with the rest. (Asking iptables about each jump instead costs a program
-// run per question, and each run is milliseconds of a pod's CNI ADD.)
+// applyFamily writes one family's chains and missing jumps with one iptables-restore. Which
+// jumps are missing it learns from the kernel when the netns holds neither a nat nor a mangle
+// table (a new pod's: then every jump is), and otherwise from one iptables-save. (Asking
+// iptables about each jump instead costs a program run per question, and each run is
+// milliseconds of a pod's CNI ADD.)
 func applyFamily(t familyTools, c Config) error {
+	chs := chains(c, t.family)
+	missing := chs
+	if fresh, err := holdsNoTables(t.backend, t.family); err != nil || !fresh {
+		saved, err := t.runSave()
+		if err != nil {
+			return err
+		}
+		present := jumpsIn(saved)
+		missing = nil
+		for _, ch := range chs {
+			if !present[jumpKey{ch.table, ch.parent, ch.name}] {
+				missing = append(missing, ch)
+			}
+		}
+	}
+	return t.runRestore(restoreInput(chs, missing))
+}
+
+// runSave returns the family's iptables-save output.
+func (t familyTools) runSave() ([]byte, error) {
 	var stderr bytes.Buffer
 	save := exec.Command(t.save)
 	save.Stderr = &stderr
 	saved, err := save.Output()
 	if err != nil {
-		return fmt.Errorf("%s: %w: %s", t.save, err, strings.TrimSpace(stderr.String()))
+		return nil, fmt.Errorf("%s: %w: %s", t.save, err, strings.TrimSpace(stderr.String()))
 	}
-	chs := chains(c, t.family)
-	present := jumpsIn(saved)
-	var missing []chain
-	for _, ch := range chs {
-		if !present[jumpKey{ch.table, ch.parent, ch.name}] {
-			missing = append(missing, ch)
-		}
-	}
-	stderr.Reset()
+	return saved, nil
+}
+
+// runRestore applies input with iptables-restore --noflush, in one transaction per table.
+func (t familyTools) runRestore(input string) error {
+	var stderr bytes.Buffer
 	cmd := exec.Command(t.restore, "--noflush", fmt.Sprintf("--wait=%d", lockWaitSeconds))
-	cmd.Stdin = strings.NewReader(restoreInput(chs, missing))
+	cmd.Stdin = strings.NewReader(input)
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("%s --noflush: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
@@ -184,19 +209,6 @@ func jumpsIn(saved []byte) map[jumpKey]bool {
 		}
 	}
 	return out
-}
-
-// jumpExists reports whether ch's jump is in its parent chain. iptables refuses to even look for
-// a jump to a chain that does not exist, and such a jump cannot exist, so that case is false.
-func jumpExists(ipt *iptables.IPTables, ch chain) (bool, error) {
-	ok, err := ipt.ChainExists(ch.table, ch.name)
-	if err == nil && ok {
-		ok, err = ipt.Exists(ch.table, ch.parent, ch.jump...)
-	}
-	if err != nil {
-		return false, fmt.Errorf("look for jump to %s in %s %s: %w", ch.name, ch.table, ch.parent, err)
-	}
-	return ok, nil
 }
 
 // Check verifies, in the netns at nsPath, that everything Apply installs for c is present and
@@ -310,8 +322,8 @@ func countAppends(listed []string, target string) int {
 	return n
 }
 
-// Remove deletes, in the netns at nsPath, what Apply installs for c: the jumps first (so traffic
-// stops being redirected), then the chains, the policy rule and the route. Missing pieces, and a
+// Remove deletes, in the netns at nsPath, what Apply installs for c: per family, the jumps and
+// the chains in one transaction, then the policy rule and the route. Missing pieces, and a
 // netns that no longer exists, are not errors. Only the families c implies are touched, as in Apply.
 func Remove(nsPath string, c Config) error {
 	if c.Backend != Legacy && c.Backend != NFT {
@@ -346,38 +358,77 @@ func Remove(nsPath string, c Config) error {
 	return nil
 }
 
+// removeFamily deletes every jump to one of our chains and then the chains, in one
+// iptables-restore transaction built from one iptables-save: two program runs, whatever there
+// is to remove, and never a state with a jump to a chain that is gone.
 func removeFamily(t familyTools, c Config) error {
-	ipt, err := t.handle()
+	saved, err := t.runSave()
 	if err != nil {
 		return err
 	}
-	chs := chains(c, t.family)
-	for _, ch := range chs {
-		// Loop, so that duplicates someone added by hand go too.
-		for {
-			ok, err := jumpExists(ipt, ch)
-			if err != nil {
-				return err
-			}
-			if !ok {
-				break
-			}
-			if err := ipt.Delete(ch.table, ch.parent, ch.jump...); err != nil {
-				return fmt.Errorf("delete jump to %s: %w", ch.name, err)
-			}
-		}
+	var names []string
+	for _, ch := range chains(c, t.family) {
+		names = append(names, ch.name)
 	}
-	for _, ch := range chs {
-		ok, err := ipt.ChainExists(ch.table, ch.name)
-		if err != nil {
-			return fmt.Errorf("look for chain %s: %w", ch.name, err)
-		}
-		if !ok {
+	input := removalInput(saved, names)
+	if input == "" {
+		return nil
+	}
+	return t.runRestore(input)
+}
+
+// removalInput returns the iptables-restore --noflush input that deletes, from the state that
+// iptables-save output describes, every rule outside the named chains that jumps (or goes) to
+// one of them, then flushes and deletes them; "" when none of them exists. The rules are
+// deleted by their exact spec as saved, so duplicates someone added by hand go too.
+func removalInput(saved []byte, names []string) string {
+	type table struct {
+		name   string
+		dels   []string
+		chains []string
+	}
+	var tables []*table
+	var cur *table
+	for _, line := range strings.Split(string(saved), "\n") {
+		if name, ok := strings.CutPrefix(line, "*"); ok {
+			cur = &table{name: strings.TrimSpace(name)}
+			tables = append(tables, cur)
 			continue
 		}
-		if err := ipt.ClearAndDeleteChain(ch.table, ch.name); err != nil {
-			return fmt.Errorf("delete chain %s: %w", ch.name, err)
+		if cur == nil {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if name, ok := strings.CutPrefix(f[0], ":"); ok && slices.Contains(names, name) {
+			cur.chains = append(cur.chains, name)
+			continue
+		}
+		if len(f) < 2 || f[0] != "-A" || slices.Contains(names, f[1]) {
+			continue
+		}
+		for i := 2; i+1 < len(f); i++ {
+			if (f[i] == "-j" || f[i] == "--jump" || f[i] == "-g" || f[i] == "--goto") && slices.Contains(names, f[i+1]) {
+				cur.dels = append(cur.dels, "-D"+strings.TrimPrefix(line, "-A"))
+				break
+			}
 		}
 	}
-	return nil
+	var b strings.Builder
+	for _, t := range tables {
+		if len(t.dels) == 0 && len(t.chains) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "*%s\n", t.name)
+		for _, d := range t.dels {
+			b.WriteString(d + "\n")
+		}
+		for _, ch := range t.chains {
+			fmt.Fprintf(&b, "-F %s\n-X %s\n", ch, ch)
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return b.String()
 }
