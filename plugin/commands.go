@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 
@@ -15,11 +16,13 @@ import (
 	"github.com/meshless/meshless/pkg/enroll"
 )
 
-// cmdAdd enrolls the pod, then captures its traffic. The daemon decides first, because it may
-// skip the pod (an excluded namespace, the meshless.io/inject: "false" annotation), and it opens
-// the pod's listeners before the rules send anything to them. The pod's containers start only
-// after ADD succeeds, so nothing runs between the two steps; if the rules cannot be installed
-// the enrollment is withdrawn and ADD fails, so that no pod is left half wired.
+// cmdAdd enrolls the pod and captures its traffic. The daemon decides whether the pod is served
+// (it may skip it: an excluded namespace, the meshless.io/inject: "false" annotation) and in which
+// iptables backend its rules go. When the daemon has published the node's backend beside its
+// socket, the rules go in while the daemon enrolls the pod, and are taken out again if it skips
+// the pod or the enrollment fails; otherwise they go in after the enrollment. Either way the
+// pod's containers start only after ADD succeeds, so nothing in the pod sends a packet before
+// both steps are done, and ADD fails, leaving neither step in place, unless both succeed.
 func cmdAdd(args *skel.CmdArgs) error {
 	ctx := context.Background()
 	at, err := prepare(args)
@@ -31,28 +34,96 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if id.Fallback {
 		log.Warn("CNI_ARGS has no K8S_POD_NAMESPACE/K8S_POD_NAME (not run by Kubernetes?); enrolling the pod under a name made from its container ID")
 	}
+	var early <-chan installed
+	if b := capture.Backend(enroll.BackendHint(conf.SocketPath)); b == capture.Legacy || b == capture.NFT {
+		early = at.install(b, log)
+	}
 	e, err := client.Enroll(ctx, pod)
+	var done *installed
+	if early != nil {
+		r := <-early
+		done = &r
+	}
 	if err != nil {
-		return daemonError(err)
+		err = daemonError(err)
+		if done != nil {
+			if uerr := done.undo(); uerr != nil {
+				log.Error("removing the capture rules after the failed enrollment failed", "reason", uerr)
+			}
+		}
+		return err
 	}
 	if e.Skipped != "" {
+		if done != nil {
+			if err := done.undo(); err != nil {
+				return types.NewError(types.ErrInternal,
+					fmt.Sprintf("meshlessd skipped the pod, but removing its capture rules failed: %v", err), "")
+			}
+		}
 		log.Info("pod skipped by meshlessd; its traffic is left alone", "reason", e.Skipped)
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	}
-	cc, err := at.capture(e)
-	if err == nil {
-		log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
-		err = capture.Apply(pod.Netns, cc)
-	}
-	if err != nil {
-		if rerr := client.Remove(ctx, pod.ContainerID); rerr != nil {
-			log.Error("withdrawing the enrollment failed", "reason", rerr)
-			err = fmt.Errorf("%w (withdrawing the enrollment also failed: %v)", err, rerr)
+	if done != nil && string(done.cc.Backend) != e.Backend {
+		// The published backend is not the one the daemon uses (it was re-detected since).
+		log.Warn("meshlessd published another iptables backend than it enrolls with; installing the rules again", "backend", e.Backend, "published_backend", string(done.cc.Backend))
+		if err := done.undo(); err != nil {
+			err = fmt.Errorf("remove the capture rules installed with the published iptables backend %s: %w", done.cc.Backend, err)
+			return withdraw(ctx, client, pod, log, err)
 		}
-		return types.NewError(types.ErrInternal, err.Error(), "")
+		done = nil
+	}
+	if done == nil {
+		cc, err := at.capture(e)
+		if err == nil {
+			log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
+			err = capture.Apply(pod.Netns, cc)
+		}
+		done = &installed{netns: pod.Netns, cc: cc, err: err}
+	}
+	if done.err != nil {
+		return withdraw(ctx, client, pod, log, done.err)
 	}
 	log.Info("pod enrolled", "spiffe_id", e.SPIFFEID, "ips", pod.IPs, "infra_container", id.InfraContainerID)
 	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+}
+
+// installed is the outcome of installing a pod's capture.
+type installed struct {
+	netns string
+	cc    capture.Config
+	err   error
+}
+
+// undo removes what the install put in place, whether it succeeded or not.
+func (in installed) undo() error {
+	if in.cc.Backend == "" {
+		return nil // the configuration was refused: nothing was touched
+	}
+	return capture.Remove(in.netns, in.cc)
+}
+
+// install starts installing the pod's capture in backend b, and delivers the outcome.
+func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan installed {
+	out := make(chan installed, 1)
+	go func() {
+		cc, err := captureConfig(at.conf, b, at.pod.IPs)
+		if err != nil {
+			out <- installed{netns: at.pod.Netns, err: err}
+			return
+		}
+		log.Debug("installing capture rules while meshlessd enrolls the pod", "backend", cc.Backend, "ips", at.pod.IPs, "node_ips", cc.NodeIPs)
+		out <- installed{netns: at.pod.Netns, cc: cc, err: capture.Apply(at.pod.Netns, cc)}
+	}()
+	return out
+}
+
+// withdraw asks the daemon to forget the pod whose capture failed, and returns the CNI error.
+func withdraw(ctx context.Context, client *enroll.Client, pod enroll.Pod, log *slog.Logger, err error) error {
+	if rerr := client.Remove(ctx, pod.ContainerID); rerr != nil {
+		log.Error("withdrawing the enrollment failed", "reason", rerr)
+		err = fmt.Errorf("%w (withdrawing the enrollment also failed: %v)", err, rerr)
+	}
+	return types.NewError(types.ErrInternal, err.Error(), "")
 }
 
 // cmdDel tells the daemon to forget the pod. It succeeds whenever the pod is or will be
