@@ -295,7 +295,7 @@ func podFromArgs(args *skel.CmdArgs, conf *Config, prev *current.Result) (enroll
 // captureConfig is the capture of a pod with the given addresses. The node's addresses are
 // read here, in the host netns where the plugin runs.
 func captureConfig(conf *Config, backend capture.Backend, ips []netip.Addr) (capture.Config, error) {
-	nodeIPs, err := capture.NodeAddrs()
+	nodeIPs, err := capture.NodeAddrs(ips)
 	if err != nil {
 		return capture.Config{}, types.NewError(types.ErrInternal, err.Error(), "")
 	}
