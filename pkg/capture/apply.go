@@ -43,46 +43,52 @@ func toolName(b Backend, family int, suffix string) string {
 	return prefix + "-" + string(b) + suffix
 }
 
-// familyTools holds the programs of one family; they are resolved in the host netns, before
-// entering the pod's.
+// familyTools finds the programs of one family. The restore program, which every Apply and
+// Remove runs, is found up front, so that a missing backend fails before the pod's netns is
+// touched; the others only when needed, since searching PATH costs a fraction of a millisecond
+// per program and a new pod's ADD needs only the restore program.
 type familyTools struct {
-	backend  Backend
-	family   int
-	iptables string
-	save     string
-	restore  string
+	backend Backend
+	family  int
+	restore string
 }
 
 func resolveTools(b Backend, families []int) ([]familyTools, error) {
 	var out []familyTools
 	for _, f := range families {
-		ipt, err := lookTool(toolName(b, f, ""))
-		if err != nil {
-			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
+		t := familyTools{backend: b, family: f}
+		var err error
+		if t.restore, err = t.find("-restore"); err != nil {
+			return nil, err
 		}
-		save, err := lookTool(toolName(b, f, "-save"))
-		if err != nil {
-			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
-		}
-		restore, err := lookTool(toolName(b, f, "-restore"))
-		if err != nil {
-			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
-		}
-		out = append(out, familyTools{backend: b, family: f, iptables: ipt, save: save, restore: restore})
+		out = append(out, t)
 	}
 	return out, nil
+}
+
+// find returns the path of the family's program with the given suffix ("", "-save", "-restore").
+func (t familyTools) find(suffix string) (string, error) {
+	p, err := lookTool(toolName(t.backend, t.family, suffix))
+	if err != nil {
+		return "", fmt.Errorf("iptables backend %s: %w", t.backend, err)
+	}
+	return p, nil
 }
 
 // handle returns a go-iptables handle on the backend's program. It runs the program (for its
 // version), so it is called inside the netns closure like every other iptables command.
 func (t familyTools) handle() (*iptables.IPTables, error) {
+	path, err := t.find("")
+	if err != nil {
+		return nil, err
+	}
 	proto := iptables.ProtocolIPv4
 	if t.family == 6 {
 		proto = iptables.ProtocolIPv6
 	}
-	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(t.iptables), iptables.Timeout(lockWaitSeconds))
+	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(path), iptables.Timeout(lockWaitSeconds))
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", t.iptables, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return ipt, nil
 }
@@ -164,12 +170,16 @@ func applyFamily(t familyTools, c Config) error {
 
 // runSave returns the family's iptables-save output.
 func (t familyTools) runSave() ([]byte, error) {
+	path, err := t.find("-save")
+	if err != nil {
+		return nil, err
+	}
 	var stderr bytes.Buffer
-	save := exec.Command(t.save)
+	save := exec.Command(path)
 	save.Stderr = &stderr
 	saved, err := save.Output()
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w: %s", t.save, err, strings.TrimSpace(stderr.String()))
+		return nil, fmt.Errorf("%s: %w: %s", path, err, strings.TrimSpace(stderr.String()))
 	}
 	return saved, nil
 }
