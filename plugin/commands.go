@@ -73,10 +73,14 @@ func cmdAdd(args *skel.CmdArgs) error {
 		done = nil
 	}
 	if done == nil {
-		cc, err := at.capture(e)
+		b, err := at.backend(e)
+		var cc capture.Config
 		if err == nil {
-			log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
-			err = capture.Apply(pod.Netns, cc)
+			cc, err = podCapture(conf, b, pod.IPs)
+		}
+		if err == nil {
+			log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs)
+			err = capture.ApplyOnNode(pod.Netns, cc)
 		}
 		done = &installed{netns: pod.Netns, cc: cc, err: err}
 	}
@@ -106,13 +110,13 @@ func (in installed) undo() error {
 func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan installed {
 	out := make(chan installed, 1)
 	go func() {
-		cc, err := captureConfig(at.conf, b, at.pod.IPs)
+		cc, err := podCapture(at.conf, b, at.pod.IPs)
 		if err != nil {
 			out <- installed{netns: at.pod.Netns, err: err}
 			return
 		}
-		log.Debug("installing capture rules while meshlessd enrolls the pod", "backend", cc.Backend, "ips", at.pod.IPs, "node_ips", cc.NodeIPs)
-		out <- installed{netns: at.pod.Netns, cc: cc, err: capture.Apply(at.pod.Netns, cc)}
+		log.Debug("installing capture rules while meshlessd enrolls the pod", "backend", cc.Backend, "ips", at.pod.IPs)
+		out <- installed{netns: at.pod.Netns, cc: cc, err: capture.ApplyOnNode(at.pod.Netns, cc)}
 	}()
 	return out
 }
@@ -173,7 +177,11 @@ func cmdCheck(args *skel.CmdArgs) error {
 			fmt.Sprintf("pod %s/%s (container %s) is enrolled with IPs %v but prevResult gives it %v; re-create the pod",
 				pod.Namespace, pod.Name, pod.ContainerID, e.Pod.IPs, pod.IPs), "")
 	}
-	cc, err := at.capture(e)
+	b, err := at.backend(e)
+	if err != nil {
+		return err
+	}
+	cc, err := captureConfig(conf, b, pod.IPs)
 	if err != nil {
 		return err
 	}
@@ -254,15 +262,15 @@ func prepare(args *skel.CmdArgs) (*attachment, error) {
 	return &attachment{conf: conf, pod: pod, id: id, client: enroll.NewClient(conf.SocketPath)}, nil
 }
 
-// capture is the pod's capture in the iptables backend the daemon reports for the node.
-func (at *attachment) capture(e enroll.Enrollment) (capture.Config, error) {
+// backend is the iptables backend the daemon reports for the node.
+func (at *attachment) backend(e enroll.Enrollment) (capture.Backend, error) {
 	b := capture.Backend(e.Backend)
 	if b != capture.Legacy && b != capture.NFT {
-		return capture.Config{}, types.NewError(types.ErrInternal,
+		return "", types.NewError(types.ErrInternal,
 			fmt.Sprintf("meshlessd at %s reports iptables backend %q, want %q or %q (are meshless-cni and meshlessd the same version?)",
 				at.client.Socket(), e.Backend, capture.Legacy, capture.NFT), "")
 	}
-	return captureConfig(at.conf, b, at.pod.IPs)
+	return b, nil
 }
 
 // podFromArgs assembles the pod the runtime is wiring and validates it before anything is touched.
@@ -295,14 +303,22 @@ func podFromArgs(args *skel.CmdArgs, conf *Config, prev *current.Result) (enroll
 // captureConfig is the capture of a pod with the given addresses. The node's addresses are
 // read here, in the host netns where the plugin runs.
 func captureConfig(conf *Config, backend capture.Backend, ips []netip.Addr) (capture.Config, error) {
-	nodeIPs, err := capture.NodeAddrs(ips)
+	cc, err := podCapture(conf, backend, ips)
 	if err != nil {
+		return cc, err
+	}
+	if cc.NodeIPs, err = capture.NodeAddrs(ips); err != nil {
 		return capture.Config{}, types.NewError(types.ErrInternal, err.Error(), "")
 	}
+	return cc, nil
+}
+
+// podCapture is the capture of a pod with the given addresses, less the node's addresses, which
+// capture.ApplyOnNode reads while it starts the restore programs.
+func podCapture(conf *Config, backend capture.Backend, ips []netip.Addr) (capture.Config, error) {
 	cc := capture.Config{
 		Backend:              backend,
 		PodIPs:               ips,
-		NodeIPs:              nodeIPs,
 		ExcludeInboundPorts:  conf.inboundPorts,
 		ExcludeOutboundPorts: conf.outboundPorts,
 		ExcludeOutboundCIDRs: conf.outboundCIDRs,

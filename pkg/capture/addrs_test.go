@@ -44,3 +44,36 @@ func TestNodeAddrs(t *testing.T) {
 		}
 	}
 }
+
+// TestApplyOnNode installs a pod's capture with the node's addresses read by ApplyOnNode, in a
+// new netns (the restore program starts before they are known) and again in the same netns:
+// the rules are those of the node's addresses, installed once.
+func TestApplyOnNode(t *testing.T) {
+	needRoot(t)
+	for _, b := range backends {
+		t.Run(string(b), func(t *testing.T) {
+			netns, path := newNetns(t)
+			c := podConfig(b, true)
+			c.NodeIPs = nil
+			for i := range 2 {
+				if err := ApplyOnNode(path, c); err != nil {
+					t.Fatalf("ApplyOnNode #%d: %v", i+1, err)
+				}
+			}
+			want := c
+			var err error
+			if want.NodeIPs, err = NodeAddrs(c.PodIPs); err != nil {
+				t.Fatal(err)
+			}
+			if len(want.NodeIPs) == 0 {
+				t.Skip("this machine has no global unicast address to see in the rules")
+			}
+			if err := Check(path, want); err != nil {
+				t.Errorf("Check with the node's addresses: %v", err)
+			}
+			for _, family := range []int{4, 6} {
+				assertInstalledOnce(t, save(t, netns, b, family), want, family)
+			}
+		})
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"net/netip"
 	"os/exec"
 	"slices"
 	"strings"
@@ -110,6 +112,48 @@ func prepare(c Config) (Config, []familyTools, error) {
 // the CNI calls of one pod). The families and the policy routing are independent and go in side
 // by side: a pod's ADD waits for the slowest of them, not for the sum.
 func Apply(nsPath string, c Config) error {
+	return apply(nsPath, c, known(c.NodeIPs))
+}
+
+// ApplyOnNode is Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set to
+// NodeAddrs(c.PodIPs). The node's addresses are read while the restore programs start in the
+// pod's netns, so that a new pod's ADD waits for the slower of the two, not for both.
+func ApplyOnNode(nsPath string, c Config) error {
+	addrs := &nodeAddrs{done: make(chan struct{})}
+	go func() {
+		defer close(addrs.done)
+		addrs.ips, addrs.err = NodeAddrs(c.PodIPs)
+	}()
+	return apply(nsPath, c, addrs)
+}
+
+// nodeAddrs delivers the node's addresses to every family's goroutine once they are read.
+type nodeAddrs struct {
+	done chan struct{}
+	ips  []netip.Addr
+	err  error
+}
+
+func known(ips []netip.Addr) *nodeAddrs {
+	n := &nodeAddrs{done: make(chan struct{}), ips: ips}
+	close(n.done)
+	return n
+}
+
+// config returns c with the node's addresses, once they are read.
+func (n *nodeAddrs) config(c Config) (Config, error) {
+	<-n.done
+	if n.err != nil {
+		return c, n.err
+	}
+	c.NodeIPs = n.ips
+	if err := c.Validate(); err != nil {
+		return c, fmt.Errorf("capture config: %w", err)
+	}
+	return c.normalized(), nil
+}
+
+func apply(nsPath string, c Config, addrs *nodeAddrs) error {
 	c, tools, err := prepare(c)
 	if err != nil {
 		return err
@@ -134,7 +178,7 @@ func Apply(nsPath string, c Config) error {
 	})
 	for i, t := range tools {
 		wg.Go(func() {
-			errs[i+1] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error { return applyFamily(t, c) })
+			errs[i+1] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error { return applyFamily(t, c, addrs) })
 		})
 	}
 	wg.Wait()
@@ -148,21 +192,35 @@ func Apply(nsPath string, c Config) error {
 // jumps are missing it learns from the kernel when the netns holds neither a nat nor a mangle
 // table (a new pod's: then every jump is), and otherwise from one iptables-save. (Asking
 // iptables about each jump instead costs a program run per question, and each run is
-// milliseconds of a pod's CNI ADD.)
-func applyFamily(t familyTools, c Config) error {
-	chs := chains(c, t.family)
-	missing := chs
-	if fresh, err := holdsNoTables(t.backend, t.family); err != nil || !fresh {
-		saved, err := t.runSave()
+// milliseconds of a pod's CNI ADD.) In a new pod's netns the restore program starts at once and
+// gets its input when the node's addresses are known: starting a program is most of its cost.
+func applyFamily(t familyTools, c Config, addrs *nodeAddrs) error {
+	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
+		r, err := t.startRestore()
 		if err != nil {
 			return err
 		}
-		present := jumpsIn(saved)
-		missing = nil
-		for _, ch := range chs {
-			if !present[jumpKey{ch.table, ch.parent, ch.name}] {
-				missing = append(missing, ch)
-			}
+		c, err := addrs.config(c)
+		if err != nil {
+			r.abort()
+			return err
+		}
+		chs := chains(c, t.family)
+		return r.finish(restoreInput(chs, chs))
+	}
+	saved, err := t.runSave()
+	if err != nil {
+		return err
+	}
+	if c, err = addrs.config(c); err != nil {
+		return err
+	}
+	chs := chains(c, t.family)
+	present := jumpsIn(saved)
+	var missing []chain
+	for _, ch := range chs {
+		if !present[jumpKey{ch.table, ch.parent, ch.name}] {
+			missing = append(missing, ch)
 		}
 	}
 	return t.runRestore(restoreInput(chs, missing))
@@ -186,14 +244,51 @@ func (t familyTools) runSave() ([]byte, error) {
 
 // runRestore applies input with iptables-restore --noflush, in one transaction per table.
 func (t familyTools) runRestore(input string) error {
-	var stderr bytes.Buffer
-	cmd := exec.Command(t.restore, "--noflush", fmt.Sprintf("--wait=%d", lockWaitSeconds))
-	cmd.Stdin = strings.NewReader(input)
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("%s --noflush: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
+	r, err := t.startRestore()
+	if err != nil {
+		return err
+	}
+	return r.finish(input)
+}
+
+// restoreRun is an iptables-restore --noflush waiting for its input.
+type restoreRun struct {
+	path   string
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	stderr bytes.Buffer
+}
+
+func (t familyTools) startRestore() (*restoreRun, error) {
+	r := &restoreRun{path: t.restore, cmd: exec.Command(t.restore, "--noflush", fmt.Sprintf("--wait=%d", lockWaitSeconds))}
+	r.cmd.Stderr = &r.stderr
+	var err error
+	if r.stdin, err = r.cmd.StdinPipe(); err != nil {
+		return nil, fmt.Errorf("%s: %w", t.restore, err)
+	}
+	if err := r.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: %w", t.restore, err)
+	}
+	return r, nil
+}
+
+// finish hands the program its input, in one transaction per table, and waits for it.
+func (r *restoreRun) finish(input string) error {
+	_, werr := io.WriteString(r.stdin, input)
+	cerr := r.stdin.Close()
+	if err := r.cmd.Wait(); err != nil {
+		return fmt.Errorf("%s --noflush: %w: %s", r.path, err, strings.TrimSpace(r.stderr.String()))
+	}
+	if err := errors.Join(werr, cerr); err != nil {
+		return fmt.Errorf("%s --noflush: input: %w", r.path, err)
 	}
 	return nil
+}
+
+// abort ends the program without input: it then changes nothing.
+func (r *restoreRun) abort() {
+	_ = r.stdin.Close()
+	_ = r.cmd.Wait()
 }
 
 // jumpKey names a jump from a built-in chain of a table to one of our chains.

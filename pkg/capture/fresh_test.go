@@ -170,3 +170,35 @@ COMMIT
 		t.Errorf("removalInput with nothing of ours = %q, want \"\"", got)
 	}
 }
+
+// TestRestoreAbort: a restore program started early and then aborted (the node's addresses
+// could not be read) changes nothing.
+func TestRestoreAbort(t *testing.T) {
+	needRoot(t)
+	for _, b := range backends {
+		t.Run(string(b), func(t *testing.T) {
+			netns, path := newNetns(t)
+			tools, err := resolveTools(b, []int{4})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = ns.WithNetNSPath(path, func(ns.NetNS) error {
+				r, err := tools[0].startRestore()
+				if err != nil {
+					return err
+				}
+				r.abort()
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s := save(t, netns, b, 4); strings.Contains(s, "MESHLESS") {
+				t.Errorf("rules after an aborted restore:\n%s", s)
+			}
+			if !tablesFreeIn(t, path, b, 4) {
+				t.Error("an aborted restore left a nat or mangle table")
+			}
+		})
+	}
+}
