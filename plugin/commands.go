@@ -20,7 +20,8 @@ import (
 // (it may skip it: an excluded namespace, the meshless.io/inject: "false" annotation) and in which
 // iptables backend its rules go. When the daemon has published the node's backend beside its
 // socket, the rules go in while the daemon enrolls the pod, and are taken out again if it skips
-// the pod or the enrollment fails; otherwise they go in after the enrollment. Either way the
+// the pod or the enrollment fails (unless they were in place before this ADD: a retried ADD of a
+// pod that may be running keeps them); otherwise they go in after the enrollment. Either way the
 // pod's containers start only after ADD succeeds, so nothing in the pod sends a packet before
 // both steps are done, and ADD fails, leaving neither step in place, unless both succeed.
 func cmdAdd(args *skel.CmdArgs) error {
@@ -46,7 +47,13 @@ func cmdAdd(args *skel.CmdArgs) error {
 	}
 	if err != nil {
 		err = daemonError(err)
-		if done != nil {
+		switch {
+		case done == nil:
+		case !done.fresh:
+			// Rules that were there before this ADD (a retried ADD of a pod that may be
+			// running) stay: without the daemon they refuse the pod's traffic, never pass it.
+			log.Warn("leaving the capture rules that were in place before this ADD")
+		default:
 			if uerr := done.undo(); uerr != nil {
 				log.Error("removing the capture rules after the failed enrollment failed", "reason", uerr)
 			}
@@ -80,7 +87,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 		}
 		if err == nil {
 			log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs)
-			err = capture.ApplyOnNode(pod.Netns, cc)
+			_, err = capture.ApplyOnNode(pod.Netns, cc)
 		}
 		done = &installed{netns: pod.Netns, cc: cc, err: err}
 	}
@@ -95,6 +102,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 type installed struct {
 	netns string
 	cc    capture.Config
+	fresh bool // nothing of the capture was in the netns before
 	err   error
 }
 
@@ -116,7 +124,8 @@ func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan instal
 			return
 		}
 		log.Debug("installing capture rules while meshlessd enrolls the pod", "backend", cc.Backend, "ips", at.pod.IPs)
-		out <- installed{netns: at.pod.Netns, cc: cc, err: capture.ApplyOnNode(at.pod.Netns, cc)}
+		fresh, err := capture.ApplyOnNode(at.pod.Netns, cc)
+		out <- installed{netns: at.pod.Netns, cc: cc, fresh: fresh, err: err}
 	}()
 	return out
 }

@@ -298,6 +298,36 @@ func TestAddEnrollFails(t *testing.T) {
 	}
 }
 
+// TestReAddEnrollFails: a retried ADD whose enrollment fails leaves the rules the first ADD put
+// in: the pod may be running, and removing them would let its traffic out in plaintext.
+func TestReAddEnrollFails(t *testing.T) {
+	needRoot(t)
+	backend := backends(t)[0]
+	d := startDaemon(t, string(backend))
+	d.publish(t, string(backend))
+	_, path := podNetns(t)
+	conf := netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))
+	in := invocation{command: "ADD", containerID: "c0ffee05", netns: path, ifName: "eth0", args: k8sArgs, stdin: conf}
+	run(t, in).ok(t)
+	d.mu.Lock()
+	d.enrollErr = errors.New("boom")
+	d.mu.Unlock()
+	if e := run(t, in).cniError(t); !strings.Contains(e.Msg, "boom") {
+		t.Errorf("error = %+v", e)
+	}
+	parsed, err := parseConfig(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := captureConfig(parsed, backend, []netip.Addr{netip.MustParseAddr("10.99.0.5"), netip.MustParseAddr("fd00:99::5")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := capture.Check(path, cc); err != nil {
+		t.Errorf("the first ADD's rules after the failed retry: %v", err)
+	}
+}
+
 // TestAddSkipped: a pod the daemon skips gets no rules, also when they went in while the daemon
 // was asked, and ADD returns prevResult.
 func TestAddSkipped(t *testing.T) {

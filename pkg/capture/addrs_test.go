@@ -56,8 +56,12 @@ func TestApplyOnNode(t *testing.T) {
 			c := podConfig(b, true)
 			c.NodeIPs = nil
 			for i := range 2 {
-				if err := ApplyOnNode(path, c); err != nil {
+				fresh, err := ApplyOnNode(path, c)
+				if err != nil {
 					t.Fatalf("ApplyOnNode #%d: %v", i+1, err)
+				}
+				if fresh != (i == 0) {
+					t.Errorf("ApplyOnNode #%d: fresh = %v, want %v", i+1, fresh, i == 0)
 				}
 			}
 			want := c

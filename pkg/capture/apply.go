@@ -112,13 +112,16 @@ func prepare(c Config) (Config, []familyTools, error) {
 // the CNI calls of one pod). The families and the policy routing are independent and go in side
 // by side: a pod's ADD waits for the slowest of them, not for the sum.
 func Apply(nsPath string, c Config) error {
-	return apply(nsPath, c, known(c.NodeIPs))
+	_, err := apply(nsPath, c, known(c.NodeIPs))
+	return err
 }
 
 // ApplyOnNode is Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set to
 // NodeAddrs(c.PodIPs). The node's addresses are read while the restore programs start in the
-// pod's netns, so that a new pod's ADD waits for the slower of the two, not for both.
-func ApplyOnNode(nsPath string, c Config) error {
+// pod's netns, so that a new pod's ADD waits for the slower of the two, not for both. fresh
+// reports whether the netns held no nat and no mangle table in any of the pod's families before
+// the call: then whatever of ours is there is the call's doing, and Remove undoes just that.
+func ApplyOnNode(nsPath string, c Config) (fresh bool, err error) {
 	addrs := &nodeAddrs{done: make(chan struct{})}
 	go func() {
 		defer close(addrs.done)
@@ -153,12 +156,13 @@ func (n *nodeAddrs) config(c Config) (Config, error) {
 	return c.normalized(), nil
 }
 
-func apply(nsPath string, c Config, addrs *nodeAddrs) error {
+func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 	c, tools, err := prepare(c)
 	if err != nil {
-		return err
+		return false, err
 	}
 	errs := make([]error, len(tools)+1)
+	freshes := make([]bool, len(tools))
 	var wg sync.WaitGroup
 	// Each goroutine enters the netns on its own thread: programs started from it inherit the
 	// netns, those of another goroutine would not.
@@ -178,14 +182,19 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) error {
 	})
 	for i, t := range tools {
 		wg.Go(func() {
-			errs[i+1] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error { return applyFamily(t, c, addrs) })
+			errs[i+1] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+				var err error
+				freshes[i], err = applyFamily(t, c, addrs)
+				return err
+			})
 		})
 	}
 	wg.Wait()
+	fresh = !slices.Contains(freshes, false)
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("install capture in netns %s: %w", nsPath, err)
+		return fresh, fmt.Errorf("install capture in netns %s: %w", nsPath, err)
 	}
-	return nil
+	return fresh, nil
 }
 
 // applyFamily writes one family's chains and missing jumps with one iptables-restore. Which
@@ -194,26 +203,27 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) error {
 // iptables about each jump instead costs a program run per question, and each run is
 // milliseconds of a pod's CNI ADD.) In a new pod's netns the restore program starts at once and
 // gets its input when the node's addresses are known: starting a program is most of its cost.
-func applyFamily(t familyTools, c Config, addrs *nodeAddrs) error {
+// fresh reports whether the netns held neither table.
+func applyFamily(t familyTools, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
 		r, err := t.startRestore()
 		if err != nil {
-			return err
+			return true, err
 		}
 		c, err := addrs.config(c)
 		if err != nil {
 			r.abort()
-			return err
+			return true, err
 		}
 		chs := chains(c, t.family)
-		return r.finish(restoreInput(chs, chs))
+		return true, r.finish(restoreInput(chs, chs))
 	}
 	saved, err := t.runSave()
 	if err != nil {
-		return err
+		return false, err
 	}
 	if c, err = addrs.config(c); err != nil {
-		return err
+		return false, err
 	}
 	chs := chains(c, t.family)
 	present := jumpsIn(saved)
@@ -223,7 +233,7 @@ func applyFamily(t familyTools, c Config, addrs *nodeAddrs) error {
 			missing = append(missing, ch)
 		}
 	}
-	return t.runRestore(restoreInput(chs, missing))
+	return false, t.runRestore(restoreInput(chs, missing))
 }
 
 // runSave returns the family's iptables-save output.
