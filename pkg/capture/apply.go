@@ -109,8 +109,8 @@ func prepare(c Config) (Config, []familyTools, error) {
 // family are written in one iptables-restore --noflush transaction together with whichever jumps
 // are missing, so a pod is never half captured and applying twice leaves exactly one copy of
 // everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
-// the CNI calls of one pod). The families and the policy routing are independent and go in side
-// by side: a pod's ADD waits for the slowest of them, not for the sum.
+// the CNI calls of one pod). The families are independent and go in side by side, the policy
+// routing while a restore program starts: a pod's ADD waits for the slowest, not for the sum.
 func Apply(nsPath string, c Config) error {
 	_, err := apply(nsPath, c, known(c.NodeIPs))
 	return err
@@ -161,30 +161,33 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	errs := make([]error, len(tools)+1)
+	errs := make([]error, len(tools))
 	freshes := make([]bool, len(tools))
+	// The policy routing goes in while the first family's restore program starts: it is a few
+	// netlink calls, and the route points at lo, which the kernel only accepts while lo is up.
+	routing := func() error {
+		if err := ensureLoopbackUp(); err != nil {
+			return err
+		}
+		for _, t := range tools {
+			if err := applyRouting(t.family); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	var wg sync.WaitGroup
 	// Each goroutine enters the netns on its own thread: programs started from it inherit the
 	// netns, those of another goroutine would not.
-	wg.Go(func() {
-		errs[0] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-			// The policy route points at lo, which the kernel only accepts while lo is up.
-			if err := ensureLoopbackUp(); err != nil {
-				return err
-			}
-			for _, t := range tools {
-				if err := applyRouting(t.family); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-	})
 	for i, t := range tools {
+		meanwhile := routing
+		if i > 0 {
+			meanwhile = nil
+		}
 		wg.Go(func() {
-			errs[i+1] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+			errs[i] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
 				var err error
-				freshes[i], err = applyFamily(t, c, addrs)
+				freshes[i], err = applyFamily(t, c, addrs, meanwhile)
 				return err
 			})
 		})
@@ -203,11 +206,19 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 // iptables about each jump instead costs a program run per question, and each run is
 // milliseconds of a pod's CNI ADD.) In a new pod's netns the restore program starts at once and
 // gets its input when the node's addresses are known: starting a program is most of its cost.
-// fresh reports whether the netns held neither table.
-func applyFamily(t familyTools, c Config, addrs *nodeAddrs) (fresh bool, err error) {
+// meanwhile, unless nil, runs in the netns too, while the program starts. fresh reports whether
+// the netns held neither table.
+func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error) (fresh bool, err error) {
+	if meanwhile == nil {
+		meanwhile = func() error { return nil }
+	}
 	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
 		r, err := t.startRestore()
 		if err != nil {
+			return true, err
+		}
+		if err := meanwhile(); err != nil {
+			r.abort()
 			return true, err
 		}
 		c, err := addrs.config(c)
@@ -217,6 +228,9 @@ func applyFamily(t familyTools, c Config, addrs *nodeAddrs) (fresh bool, err err
 		}
 		chs := chains(c, t.family)
 		return true, r.finish(restoreInput(chs, chs))
+	}
+	if err := meanwhile(); err != nil {
+		return false, err
 	}
 	saved, err := t.runSave()
 	if err != nil {
