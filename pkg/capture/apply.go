@@ -110,7 +110,7 @@ func prepare(c Config) (Config, []familyTools, error) {
 // are missing, so a pod is never half captured and applying twice leaves exactly one copy of
 // everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
 // the CNI calls of one pod). The families are independent and go in side by side, the policy
-// routing while a restore program starts: a pod's ADD waits for the slowest, not for the sum.
+// routing while a restore program works: a pod's ADD waits for the slowest, not for the sum.
 func Apply(nsPath string, c Config) error {
 	_, err := apply(nsPath, c, known(c.NodeIPs))
 	return err
@@ -163,7 +163,7 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 	}
 	errs := make([]error, len(tools))
 	freshes := make([]bool, len(tools))
-	// The policy routing goes in while the first family's restore program starts: it is a few
+	// The policy routing goes in while the first family's restore program works: it is a few
 	// netlink calls, and the route points at lo, which the kernel only accepts while lo is up.
 	routing := func() error {
 		if err := ensureLoopbackUp(); err != nil {
@@ -206,7 +206,7 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 // iptables about each jump instead costs a program run per question, and each run is
 // milliseconds of a pod's CNI ADD.) In a new pod's netns the restore program starts at once and
 // gets its input when the node's addresses are known: starting a program is most of its cost.
-// meanwhile, unless nil, runs in the netns too, while the program starts. fresh reports whether
+// meanwhile, unless nil, runs in the netns too, while the program works. fresh reports whether
 // the netns held neither table.
 func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error) (fresh bool, err error) {
 	if meanwhile == nil {
@@ -217,17 +217,16 @@ func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() err
 		if err != nil {
 			return true, err
 		}
-		if err := meanwhile(); err != nil {
-			r.abort()
-			return true, err
-		}
 		c, err := addrs.config(c)
 		if err != nil {
 			r.abort()
 			return true, err
 		}
 		chs := chains(c, t.family)
-		return true, r.finish(restoreInput(chs, chs))
+		// The program commits while meanwhile runs.
+		ferr := r.feed(restoreInput(chs, chs))
+		merr := meanwhile()
+		return true, errors.Join(r.wait(ferr), merr)
 	}
 	if err := meanwhile(); err != nil {
 		return false, err
@@ -298,13 +297,22 @@ func (t familyTools) startRestore() (*restoreRun, error) {
 
 // finish hands the program its input, in one transaction per table, and waits for it.
 func (r *restoreRun) finish(input string) error {
+	return r.wait(r.feed(input))
+}
+
+// feed hands the program its input and closes it, without waiting for the program.
+func (r *restoreRun) feed(input string) error {
 	_, werr := io.WriteString(r.stdin, input)
-	cerr := r.stdin.Close()
+	return errors.Join(werr, r.stdin.Close())
+}
+
+// wait waits for the program; feedErr is what feed returned.
+func (r *restoreRun) wait(feedErr error) error {
 	if err := r.cmd.Wait(); err != nil {
 		return fmt.Errorf("%s --noflush: %w: %s", r.path, err, strings.TrimSpace(r.stderr.String()))
 	}
-	if err := errors.Join(werr, cerr); err != nil {
-		return fmt.Errorf("%s --noflush: input: %w", r.path, err)
+	if feedErr != nil {
+		return fmt.Errorf("%s --noflush: input: %w", r.path, feedErr)
 	}
 	return nil
 }
