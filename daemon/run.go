@@ -22,7 +22,6 @@ import (
 	"github.com/meshless/meshless/pkg/agent"
 	"github.com/meshless/meshless/pkg/capture"
 	"github.com/meshless/meshless/pkg/enroll"
-	"github.com/meshless/meshless/pkg/enroll/server"
 	"github.com/meshless/meshless/pkg/kube"
 	meshtls "github.com/meshless/meshless/pkg/tls"
 	"github.com/meshless/meshless/pkg/tunnel"
@@ -255,7 +254,7 @@ func runCmd(args []string, stdout io.Writer) error {
 		go adoptRunning(ctx, f, ag, kv.pods, log)
 	}
 
-	sl, err := server.Listen(f.socket)
+	sl, err := enroll.Listen(f.socket)
 	if err != nil {
 		return err
 	}
@@ -264,7 +263,7 @@ func runCmd(args []string, stdout io.Writer) error {
 	if err := enroll.PublishBackend(f.socket, string(backend)); err != nil {
 		log.Warn("the plugin will wait for each enrollment before installing the pod's rules", "reason", err)
 	}
-	api := &http.Server{Handler: server.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
+	api := &http.Server{Handler: enroll.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
 	go func() { errc <- serveUntil(ctx, api, sl) }()
 
 	log.Info("meshlessd ready", append([]any{

@@ -24,7 +24,6 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/meshless/meshless/pkg/enroll"
-	"github.com/meshless/meshless/pkg/enroll/server"
 )
 
 // runAsPluginEnv makes the test binary act as meshless-cni, so that tests run the real
@@ -194,11 +193,11 @@ func startDaemon(t *testing.T, backend string) *fakeDaemon {
 		pods:   map[string]enroll.Pod{},
 		status: enroll.Status{Node: "node-1", Backend: backend, Ready: true, TrustDomain: "cluster.local", Mode: "strict"},
 	}
-	l, err := server.Listen(d.socket)
+	l, err := enroll.Listen(d.socket)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: server.Handler(d), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: enroll.Handler(d), ReadHeaderTimeout: 5 * time.Second}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

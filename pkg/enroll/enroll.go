@@ -1,8 +1,7 @@
 // Package enroll is the API between the CNI plugin (meshless-cni) and the node daemon (meshlessd):
 // HTTP/1.1 with JSON bodies over a root-only unix socket. The plugin asks the daemon to enroll
-// each new pod and installs its capture rules unless the daemon skipped the pod; the daemon
-// implements Service and serves it with package server's Handler. This package holds the API's
-// types and the plugin's Client, which speaks the API without net/http.
+// each new pod, then installs its capture rules unless the daemon skipped the pod; the daemon
+// implements Service and serves it with Handler.
 package enroll
 
 import (
@@ -67,23 +66,6 @@ type Status struct {
 	Pending     int    `json:"pending"`
 	TrustDomain string `json:"trustDomain"`
 	Mode        string `json:"mode"`
-}
-
-// GCRequest is the body of POST /v1/gc.
-type GCRequest struct {
-	// Keep lists the container IDs that are still valid; it must be present, and an empty list
-	// forgets every pod.
-	Keep []string `json:"keep"`
-}
-
-// GCResponse is the answer to POST /v1/gc.
-type GCResponse struct {
-	Removed []string `json:"removed"`
-}
-
-// ErrorBody is the body of every error answer.
-type ErrorBody struct {
-	Error string `json:"error"`
 }
 
 // Service is what the daemon implements; Handler serves it on the socket.

@@ -1,14 +1,12 @@
-package server
+package enroll
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -17,43 +15,28 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/meshless/meshless/pkg/enroll"
 )
-
-// validPod is a pod that passes enroll.Pod.Validate.
-func validPod() enroll.Pod {
-	return enroll.Pod{
-		ContainerID: "0123456789abcdef",
-		IfName:      "eth0",
-		Netns:       "/proc/self/ns/net",
-		Namespace:   "default",
-		Name:        "web-7d4b9c6f5-x2x9q",
-		UID:         "8b8f7f0e-3c1a-4e0b-9a57-3f0d2b8a1c11",
-		IPs:         []netip.Addr{netip.MustParseAddr("10.244.1.7"), netip.MustParseAddr("fd00:10:244::7")},
-	}
-}
 
 // fakeService keeps pods in memory; failWith, when set, is returned by every method.
 type fakeService struct {
 	mu       sync.Mutex
-	pods     map[string]enroll.Enrollment
+	pods     map[string]Enrollment
 	keeps    [][]string
 	failWith error
-	status   enroll.Status
+	status   Status
 }
 
 func newFakeService() *fakeService {
-	return &fakeService{pods: map[string]enroll.Enrollment{}, status: enroll.Status{Node: "node-1", Backend: "nft", Ready: true, TrustDomain: "cluster.local", Mode: "strict"}}
+	return &fakeService{pods: map[string]Enrollment{}, status: Status{Node: "node-1", Backend: "nft", Ready: true, TrustDomain: "cluster.local", Mode: "strict"}}
 }
 
-func (f *fakeService) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment, error) {
+func (f *fakeService) Enroll(_ context.Context, p Pod) (Enrollment, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.failWith != nil {
-		return enroll.Enrollment{}, f.failWith
+		return Enrollment{}, f.failWith
 	}
-	e := enroll.Enrollment{Pod: p, SPIFFEID: "spiffe://cluster.local/ns/" + p.Namespace + "/sa/default", EnrolledAt: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)}
+	e := Enrollment{Pod: p, SPIFFEID: "spiffe://cluster.local/ns/" + p.Namespace + "/sa/default", EnrolledAt: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)}
 	f.pods[p.ContainerID] = e
 	return e, nil
 }
@@ -68,15 +51,15 @@ func (f *fakeService) Remove(_ context.Context, id string) error {
 	return nil
 }
 
-func (f *fakeService) Get(_ context.Context, id string) (enroll.Enrollment, error) {
+func (f *fakeService) Get(_ context.Context, id string) (Enrollment, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.failWith != nil {
-		return enroll.Enrollment{}, f.failWith
+		return Enrollment{}, f.failWith
 	}
 	e, ok := f.pods[id]
 	if !ok {
-		return enroll.Enrollment{}, fmt.Errorf("container %s: %w", id, enroll.ErrNotFound)
+		return Enrollment{}, fmt.Errorf("container %s: %w", id, ErrNotFound)
 	}
 	return e, nil
 }
@@ -99,7 +82,7 @@ func (f *fakeService) GC(_ context.Context, keep []string) ([]string, error) {
 	return removed, nil
 }
 
-func (f *fakeService) Status(context.Context) enroll.Status {
+func (f *fakeService) Status(context.Context) Status {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	s := f.status
@@ -108,7 +91,7 @@ func (f *fakeService) Status(context.Context) enroll.Status {
 }
 
 // serve runs Handler(svc) on a fresh socket and returns its path.
-func serve(t *testing.T, svc enroll.Service) string {
+func serve(t *testing.T, svc Service) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "run", "cni.sock")
 	l, err := Listen(path)
@@ -130,14 +113,14 @@ func serve(t *testing.T, svc enroll.Service) string {
 
 func TestClientHandlerRoundTrip(t *testing.T) {
 	svc := newFakeService()
-	c := enroll.NewClient(serve(t, svc))
+	c := NewClient(serve(t, svc))
 	ctx := context.Background()
 
 	st, err := c.Status(ctx)
 	if err != nil {
 		t.Fatalf("Status: %v", err)
 	}
-	if want := (enroll.Status{Node: "node-1", Backend: "nft", Ready: true, TrustDomain: "cluster.local", Mode: "strict"}); st != want {
+	if want := (Status{Node: "node-1", Backend: "nft", Ready: true, TrustDomain: "cluster.local", Mode: "strict"}); st != want {
 		t.Errorf("Status = %+v, want %+v", st, want)
 	}
 
@@ -182,8 +165,8 @@ func TestClientHandlerRoundTrip(t *testing.T) {
 	if err := c.Remove(ctx, p.ContainerID); err != nil {
 		t.Fatalf("Remove twice: %v", err)
 	}
-	if _, err := c.Get(ctx, p.ContainerID); !errors.Is(err, enroll.ErrNotFound) {
-		t.Errorf("Get after Remove = %v, want enroll.ErrNotFound", err)
+	if _, err := c.Get(ctx, p.ContainerID); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get after Remove = %v, want ErrNotFound", err)
 	}
 
 	// A nil keep list is sent as [] (forget everything), never as a missing list.
@@ -202,15 +185,15 @@ func TestClientHandlerRoundTrip(t *testing.T) {
 func TestErrorMapping(t *testing.T) {
 	svc := newFakeService()
 	path := serve(t, svc)
-	c := enroll.NewClient(path)
+	c := NewClient(path)
 	ctx := context.Background()
 
 	t.Run("invalid pod is refused before the service sees it", func(t *testing.T) {
 		p := validPod()
 		p.Netns = "/nonexistent/netns"
 		_, err := c.Enroll(ctx, p)
-		if !errors.Is(err, enroll.ErrInvalid) || !strings.Contains(err.Error(), "does not exist") {
-			t.Errorf("Enroll = %v, want enroll.ErrInvalid naming the netns", err)
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "does not exist") {
+			t.Errorf("Enroll = %v, want ErrInvalid naming the netns", err)
 		}
 		if len(svc.pods) != 0 {
 			t.Errorf("service got pods %v", svc.pods)
@@ -226,8 +209,8 @@ func TestErrorMapping(t *testing.T) {
 			svc.mu.Unlock()
 		}()
 		_, err := c.Enroll(ctx, validPod())
-		if !errors.Is(err, enroll.ErrNotReady) || errors.Is(err, enroll.ErrInvalid) || !strings.Contains(err.Error(), "not ready") {
-			t.Errorf("Enroll = %v, want enroll.ErrNotReady", err)
+		if !errors.Is(err, ErrNotReady) || errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "not ready") {
+			t.Errorf("Enroll = %v, want ErrNotReady", err)
 		}
 		svc.mu.Lock()
 		n := len(svc.pods)
@@ -237,11 +220,11 @@ func TestErrorMapping(t *testing.T) {
 		}
 	})
 	t.Run("invalid container id", func(t *testing.T) {
-		if _, err := c.Get(ctx, "-x"); !errors.Is(err, enroll.ErrInvalid) {
-			t.Errorf("Get(-x) = %v, want enroll.ErrInvalid", err)
+		if _, err := c.Get(ctx, "-x"); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Get(-x) = %v, want ErrInvalid", err)
 		}
-		if _, err := c.GC(ctx, []string{"ok", "bad id"}); !errors.Is(err, enroll.ErrInvalid) {
-			t.Errorf("GC with a bad id = %v, want enroll.ErrInvalid", err)
+		if _, err := c.GC(ctx, []string{"ok", "bad id"}); !errors.Is(err, ErrInvalid) {
+			t.Errorf("GC with a bad id = %v, want ErrInvalid", err)
 		}
 	})
 	t.Run("service errors", func(t *testing.T) {
@@ -250,8 +233,8 @@ func TestErrorMapping(t *testing.T) {
 			want int
 			is   error
 		}{
-			{fmt.Errorf("netns vanished: %w", enroll.ErrInvalid), http.StatusBadRequest, enroll.ErrInvalid},
-			{fmt.Errorf("gone: %w", enroll.ErrNotFound), http.StatusNotFound, enroll.ErrNotFound},
+			{fmt.Errorf("netns vanished: %w", ErrInvalid), http.StatusBadRequest, ErrInvalid},
+			{fmt.Errorf("gone: %w", ErrNotFound), http.StatusNotFound, ErrNotFound},
 			{errors.New("disk full"), http.StatusInternalServerError, nil},
 		} {
 			svc.mu.Lock()
@@ -261,14 +244,11 @@ func TestErrorMapping(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.err.Error()) {
 				t.Errorf("Enroll = %v, want the daemon's message %q", err, tc.err)
 			}
-			prefix := "meshlessd refused the request: "
-			if tc.want >= 500 {
-				prefix = "meshlessd failed: "
+			var re *remoteError
+			if !errors.As(err, &re) || re.status != tc.want {
+				t.Errorf("Enroll with %q: %v, want HTTP %d", tc.err, err, tc.want)
 			}
-			if !strings.Contains(err.Error(), prefix+tc.err.Error()) {
-				t.Errorf("Enroll with %q: %v, want it to say %q (HTTP %d)", tc.err, err, prefix, tc.want)
-			}
-			for _, sentinel := range []error{enroll.ErrInvalid, enroll.ErrNotFound} {
+			for _, sentinel := range []error{ErrInvalid, ErrNotFound} {
 				if errors.Is(err, sentinel) != (sentinel == tc.is) {
 					t.Errorf("errors.Is(%v, %v) = %v", err, sentinel, !(sentinel == tc.is))
 				}
@@ -303,14 +283,53 @@ func TestErrorMapping(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var eb enroll.ErrorBody
-			derr := json.NewDecoder(resp.Body).Decode(&eb)
+			rerr := readRemoteError(resp)
 			resp.Body.Close()
-			if derr != nil || resp.StatusCode != tc.want || !strings.Contains(eb.Error, tc.msg) {
-				t.Errorf("%s %s %.40s: got %d %q (%v), want %d containing %q", tc.method, tc.path, tc.body, resp.StatusCode, eb.Error, derr, tc.want, tc.msg)
+			var re *remoteError
+			if !errors.As(rerr, &re) || re.status != tc.want || !re.api || !strings.Contains(re.message, tc.msg) {
+				t.Errorf("%s %s %.40s: got %d %q (JSON %v), want %d containing %q", tc.method, tc.path, tc.body, re.status, re.message, re.api, tc.want, tc.msg)
 			}
 		}
 	})
+	t.Run("unknown route is not ErrNotFound", func(t *testing.T) {
+		err := c.do(ctx, http.MethodGet, "/v2/nothing", nil, nil)
+		if err == nil || errors.Is(err, ErrNotFound) {
+			t.Errorf("do(/v2/nothing) = %v, want a plain error", err)
+		}
+	})
+}
+
+func TestClientUnreachable(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "cni.sock")
+	_, err := NewClient(missing).Status(context.Background())
+	if !errors.Is(err, ErrUnreachable) {
+		t.Fatalf("Status = %v, want ErrUnreachable", err)
+	}
+	for _, want := range []string{"meshlessd not reachable at " + missing, "is the meshless DaemonSet running on this node?", "no such file or directory"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not contain %q", err, want)
+		}
+	}
+
+	// A socket that nobody serves any more: connection refused.
+	stale := filepath.Join(dir, "stale.sock")
+	l, err := net.Listen("unix", stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	err = NewClient(stale).Remove(context.Background(), "abc")
+	if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), "connection refused") {
+		t.Errorf("Remove = %v, want ErrUnreachable with connection refused", err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := NewClient(missing).Get(ctx, "abc"); !errors.Is(err, context.Canceled) {
+		t.Errorf("Get with a cancelled context = %v, want context.Canceled", err)
+	}
 }
 
 func TestListen(t *testing.T) {

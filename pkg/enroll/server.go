@@ -1,7 +1,4 @@
-// Package server is meshlessd's side of the enrollment API (package enroll): the HTTP handler
-// that serves an enroll.Service, and the root-only unix socket it listens on. It is a package of
-// its own so that meshless-cni, which only calls the API, does not link net/http.
-package server
+package enroll
 
 import (
 	"encoding/json"
@@ -14,39 +11,53 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
-
-	"github.com/meshless/meshless/pkg/enroll"
 )
 
 // maxBodyBytes bounds request bodies: a pod is well under 4 KiB, a GC keep list of a few
 // thousand container IDs well under 1 MiB.
 const maxBodyBytes = 1 << 20
 
-// Handler serves s over HTTP/1.1:
+// GCRequest is the body of POST /v1/gc.
+type GCRequest struct {
+	// Keep lists the container IDs that are still valid; it must be present, and an empty list
+	// forgets every pod.
+	Keep []string `json:"keep"`
+}
+
+// GCResponse is the answer to POST /v1/gc.
+type GCResponse struct {
+	Removed []string `json:"removed"`
+}
+
+type errorBody struct {
+	Error string `json:"error"`
+}
+
+// Handler serves s over HTTP:
 //
-//	POST   /v1/pods                enroll a enroll.Pod, answers its Enrollment
+//	POST   /v1/pods                enroll a Pod, answers its Enrollment
 //	GET    /v1/pods/{containerID}  answers the Enrollment
 //	DELETE /v1/pods/{containerID}  forgets the pod (204)
-//	POST   /v1/gc                  enroll.GCRequest, answers enroll.GCResponse
+//	POST   /v1/gc                  GCRequest, answers GCResponse
 //	GET    /v1/status              answers Status
 //
-// Errors are {"error": "..."} with 400 for enroll.ErrInvalid, 404 for enroll.ErrNotFound, 503 for enroll.ErrNotReady,
+// Errors are {"error": "..."} with 400 for ErrInvalid, 404 for ErrNotFound, 503 for ErrNotReady,
 // 500 otherwise.
-func Handler(s enroll.Service) http.Handler {
+func Handler(s Service) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/pods", func(w http.ResponseWriter, r *http.Request) {
-		var p enroll.Pod
+		var p Pod
 		if err := decodeBody(w, r, &p); err != nil {
 			writeError(w, err)
 			return
 		}
-		// Validated here so that no enroll.Service implementation ever sees a pod it cannot use.
+		// Validated here so that no Service implementation ever sees a pod it cannot use.
 		if err := p.Validate(); err != nil {
 			writeError(w, err)
 			return
 		}
 		if !s.Status(r.Context()).Ready {
-			writeError(w, fmt.Errorf("%w: it is re-attaching the pods it served before it restarted", enroll.ErrNotReady))
+			writeError(w, fmt.Errorf("%w: it is re-attaching the pods it served before it restarted", ErrNotReady))
 			return
 		}
 		e, err := s.Enroll(r.Context(), p)
@@ -58,7 +69,7 @@ func Handler(s enroll.Service) http.Handler {
 	})
 	mux.HandleFunc("GET /v1/pods/{containerID}", func(w http.ResponseWriter, r *http.Request) {
 		id := r.PathValue("containerID")
-		if err := enroll.ValidateContainerID(id); err != nil {
+		if err := ValidateContainerID(id); err != nil {
 			writeError(w, err)
 			return
 		}
@@ -71,7 +82,7 @@ func Handler(s enroll.Service) http.Handler {
 	})
 	mux.HandleFunc("DELETE /v1/pods/{containerID}", func(w http.ResponseWriter, r *http.Request) {
 		id := r.PathValue("containerID")
-		if err := enroll.ValidateContainerID(id); err != nil {
+		if err := ValidateContainerID(id); err != nil {
 			writeError(w, err)
 			return
 		}
@@ -82,18 +93,18 @@ func Handler(s enroll.Service) http.Handler {
 		w.WriteHeader(http.StatusNoContent)
 	})
 	mux.HandleFunc("POST /v1/gc", func(w http.ResponseWriter, r *http.Request) {
-		var req enroll.GCRequest
+		var req GCRequest
 		if err := decodeBody(w, r, &req); err != nil {
 			writeError(w, err)
 			return
 		}
 		// A missing list must not be read as "keep nothing": that would tear down every pod.
 		if req.Keep == nil {
-			writeError(w, fmt.Errorf(`%w: "keep" is required (send [] to forget every pod)`, enroll.ErrInvalid))
+			writeError(w, fmt.Errorf(`%w: "keep" is required (send [] to forget every pod)`, ErrInvalid))
 			return
 		}
 		for _, id := range req.Keep {
-			if err := enroll.ValidateContainerID(id); err != nil {
+			if err := ValidateContainerID(id); err != nil {
 				writeError(w, fmt.Errorf("keep: %w", err))
 				return
 			}
@@ -106,7 +117,7 @@ func Handler(s enroll.Service) http.Handler {
 		if removed == nil {
 			removed = []string{}
 		}
-		writeJSON(w, http.StatusOK, enroll.GCResponse{Removed: removed})
+		writeJSON(w, http.StatusOK, GCResponse{Removed: removed})
 	})
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.Status(r.Context()))
@@ -118,12 +129,12 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	if err := dec.Decode(v); err != nil {
 		if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
-			return fmt.Errorf("%w: body larger than %d bytes", enroll.ErrInvalid, mbe.Limit)
+			return fmt.Errorf("%w: body larger than %d bytes", ErrInvalid, mbe.Limit)
 		}
-		return fmt.Errorf("%w: body is not valid JSON: %w", enroll.ErrInvalid, err)
+		return fmt.Errorf("%w: body is not valid JSON: %w", ErrInvalid, err)
 	}
 	if dec.More() {
-		return fmt.Errorf("%w: body holds more than one JSON value", enroll.ErrInvalid)
+		return fmt.Errorf("%w: body holds more than one JSON value", ErrInvalid)
 	}
 	return nil
 }
@@ -131,14 +142,14 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 func writeError(w http.ResponseWriter, err error) {
 	code := http.StatusInternalServerError
 	switch {
-	case errors.Is(err, enroll.ErrInvalid):
+	case errors.Is(err, ErrInvalid):
 		code = http.StatusBadRequest
-	case errors.Is(err, enroll.ErrNotFound):
+	case errors.Is(err, ErrNotFound):
 		code = http.StatusNotFound
-	case errors.Is(err, enroll.ErrNotReady):
+	case errors.Is(err, ErrNotReady):
 		code = http.StatusServiceUnavailable
 	}
-	writeJSON(w, code, enroll.ErrorBody{Error: err.Error()})
+	writeJSON(w, code, errorBody{Error: err.Error()})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
