@@ -258,6 +258,11 @@ func runCmd(args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Only a speed-up for the plugin (it then installs a pod's rules while this daemon enrolls
+	// the pod): without it, pods are still added, one step after the other.
+	if err := enroll.PublishBackend(f.socket, string(backend)); err != nil {
+		log.Warn("the plugin will wait for each enrollment before installing the pod's rules", "reason", err)
+	}
 	api := &http.Server{Handler: enroll.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
 	go func() { errc <- serveUntil(ctx, api, sl) }()
 

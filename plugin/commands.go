@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 
@@ -15,11 +16,14 @@ import (
 	"github.com/meshless/meshless/pkg/enroll"
 )
 
-// cmdAdd enrolls the pod, then captures its traffic. The daemon decides first, because it may
-// skip the pod (an excluded namespace, the meshless.io/inject: "false" annotation), and it opens
-// the pod's listeners before the rules send anything to them. The pod's containers start only
-// after ADD succeeds, so nothing runs between the two steps; if the rules cannot be installed
-// the enrollment is withdrawn and ADD fails, so that no pod is left half wired.
+// cmdAdd enrolls the pod and captures its traffic. The daemon decides whether the pod is served
+// (it may skip it: an excluded namespace, the meshless.io/inject: "false" annotation) and in which
+// iptables backend its rules go. When the daemon has published the node's backend beside its
+// socket, the rules go in while the daemon enrolls the pod, and are taken out again if it skips
+// the pod or the enrollment fails (unless they were in place before this ADD: a retried ADD of a
+// pod that may be running keeps them); otherwise they go in after the enrollment. Either way the
+// pod's containers start only after ADD succeeds, so nothing in the pod sends a packet before
+// both steps are done, and ADD fails, leaving neither step in place, unless both succeed.
 func cmdAdd(args *skel.CmdArgs) error {
 	ctx := context.Background()
 	at, err := prepare(args)
@@ -31,28 +35,108 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if id.Fallback {
 		log.Warn("CNI_ARGS has no K8S_POD_NAMESPACE/K8S_POD_NAME (not run by Kubernetes?); enrolling the pod under a name made from its container ID")
 	}
+	var early <-chan installed
+	if b := capture.Backend(enroll.BackendHint(conf.SocketPath)); b == capture.Legacy || b == capture.NFT {
+		early = at.install(b, log)
+	}
 	e, err := client.Enroll(ctx, pod)
+	var done *installed
+	if early != nil {
+		r := <-early
+		done = &r
+	}
 	if err != nil {
-		return daemonError(err)
+		err = daemonError(err)
+		switch {
+		case done == nil:
+		case !done.fresh:
+			// Rules that were there before this ADD (a retried ADD of a pod that may be
+			// running) stay: without the daemon they refuse the pod's traffic, never pass it.
+			log.Warn("leaving the capture rules that were in place before this ADD")
+		default:
+			if uerr := done.undo(); uerr != nil {
+				log.Error("removing the capture rules after the failed enrollment failed", "reason", uerr)
+			}
+		}
+		return err
 	}
 	if e.Skipped != "" {
+		if done != nil {
+			if err := done.undo(); err != nil {
+				return types.NewError(types.ErrInternal,
+					fmt.Sprintf("meshlessd skipped the pod, but removing its capture rules failed: %v", err), "")
+			}
+		}
 		log.Info("pod skipped by meshlessd; its traffic is left alone", "reason", e.Skipped)
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	}
-	cc, err := at.capture(e)
-	if err == nil {
-		log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs, "node_ips", cc.NodeIPs)
-		err = capture.Apply(pod.Netns, cc)
-	}
-	if err != nil {
-		if rerr := client.Remove(ctx, pod.ContainerID); rerr != nil {
-			log.Error("withdrawing the enrollment failed", "reason", rerr)
-			err = fmt.Errorf("%w (withdrawing the enrollment also failed: %v)", err, rerr)
+	if done != nil && string(done.cc.Backend) != e.Backend {
+		// The published backend is not the one the daemon uses (it was re-detected since).
+		log.Warn("meshlessd published another iptables backend than it enrolls with; installing the rules again", "backend", e.Backend, "published_backend", string(done.cc.Backend))
+		if err := done.undo(); err != nil {
+			err = fmt.Errorf("remove the capture rules installed with the published iptables backend %s: %w", done.cc.Backend, err)
+			return withdraw(ctx, client, pod, log, err)
 		}
-		return types.NewError(types.ErrInternal, err.Error(), "")
+		done = nil
+	}
+	if done == nil {
+		b, err := at.backend(e)
+		var cc capture.Config
+		if err == nil {
+			cc, err = podCapture(conf, b, pod.IPs)
+		}
+		if err == nil {
+			log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs)
+			_, err = capture.ApplyOnNode(pod.Netns, cc)
+		}
+		done = &installed{netns: pod.Netns, cc: cc, err: err}
+	}
+	if done.err != nil {
+		return withdraw(ctx, client, pod, log, done.err)
 	}
 	log.Info("pod enrolled", "spiffe_id", e.SPIFFEID, "ips", pod.IPs, "infra_container", id.InfraContainerID)
 	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+}
+
+// installed is the outcome of installing a pod's capture.
+type installed struct {
+	netns string
+	cc    capture.Config
+	fresh bool // nothing of the capture was in the netns before
+	err   error
+}
+
+// undo removes what the install put in place, whether it succeeded or not.
+func (in installed) undo() error {
+	if in.cc.Backend == "" {
+		return nil // the configuration was refused: nothing was touched
+	}
+	return capture.Remove(in.netns, in.cc)
+}
+
+// install starts installing the pod's capture in backend b, and delivers the outcome.
+func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan installed {
+	out := make(chan installed, 1)
+	go func() {
+		cc, err := podCapture(at.conf, b, at.pod.IPs)
+		if err != nil {
+			out <- installed{netns: at.pod.Netns, err: err}
+			return
+		}
+		log.Debug("installing capture rules while meshlessd enrolls the pod", "backend", cc.Backend, "ips", at.pod.IPs)
+		fresh, err := capture.ApplyOnNode(at.pod.Netns, cc)
+		out <- installed{netns: at.pod.Netns, cc: cc, fresh: fresh, err: err}
+	}()
+	return out
+}
+
+// withdraw asks the daemon to forget the pod whose capture failed, and returns the CNI error.
+func withdraw(ctx context.Context, client *enroll.Client, pod enroll.Pod, log *slog.Logger, err error) error {
+	if rerr := client.Remove(ctx, pod.ContainerID); rerr != nil {
+		log.Error("withdrawing the enrollment failed", "reason", rerr)
+		err = fmt.Errorf("%w (withdrawing the enrollment also failed: %v)", err, rerr)
+	}
+	return types.NewError(types.ErrInternal, err.Error(), "")
 }
 
 // cmdDel tells the daemon to forget the pod. It succeeds whenever the pod is or will be
@@ -102,7 +186,11 @@ func cmdCheck(args *skel.CmdArgs) error {
 			fmt.Sprintf("pod %s/%s (container %s) is enrolled with IPs %v but prevResult gives it %v; re-create the pod",
 				pod.Namespace, pod.Name, pod.ContainerID, e.Pod.IPs, pod.IPs), "")
 	}
-	cc, err := at.capture(e)
+	b, err := at.backend(e)
+	if err != nil {
+		return err
+	}
+	cc, err := captureConfig(conf, b, pod.IPs)
 	if err != nil {
 		return err
 	}
@@ -183,15 +271,15 @@ func prepare(args *skel.CmdArgs) (*attachment, error) {
 	return &attachment{conf: conf, pod: pod, id: id, client: enroll.NewClient(conf.SocketPath)}, nil
 }
 
-// capture is the pod's capture in the iptables backend the daemon reports for the node.
-func (at *attachment) capture(e enroll.Enrollment) (capture.Config, error) {
+// backend is the iptables backend the daemon reports for the node.
+func (at *attachment) backend(e enroll.Enrollment) (capture.Backend, error) {
 	b := capture.Backend(e.Backend)
 	if b != capture.Legacy && b != capture.NFT {
-		return capture.Config{}, types.NewError(types.ErrInternal,
+		return "", types.NewError(types.ErrInternal,
 			fmt.Sprintf("meshlessd at %s reports iptables backend %q, want %q or %q (are meshless-cni and meshlessd the same version?)",
 				at.client.Socket(), e.Backend, capture.Legacy, capture.NFT), "")
 	}
-	return captureConfig(at.conf, b, at.pod.IPs)
+	return b, nil
 }
 
 // podFromArgs assembles the pod the runtime is wiring and validates it before anything is touched.
@@ -224,14 +312,22 @@ func podFromArgs(args *skel.CmdArgs, conf *Config, prev *current.Result) (enroll
 // captureConfig is the capture of a pod with the given addresses. The node's addresses are
 // read here, in the host netns where the plugin runs.
 func captureConfig(conf *Config, backend capture.Backend, ips []netip.Addr) (capture.Config, error) {
-	nodeIPs, err := capture.NodeAddrs()
+	cc, err := podCapture(conf, backend, ips)
 	if err != nil {
+		return cc, err
+	}
+	if cc.NodeIPs, err = capture.NodeAddrs(ips); err != nil {
 		return capture.Config{}, types.NewError(types.ErrInternal, err.Error(), "")
 	}
+	return cc, nil
+}
+
+// podCapture is the capture of a pod with the given addresses, less the node's addresses, which
+// capture.ApplyOnNode reads while it starts the restore programs.
+func podCapture(conf *Config, backend capture.Backend, ips []netip.Addr) (capture.Config, error) {
 	cc := capture.Config{
 		Backend:              backend,
 		PodIPs:               ips,
-		NodeIPs:              nodeIPs,
 		ExcludeInboundPorts:  conf.inboundPorts,
 		ExcludeOutboundPorts: conf.outboundPorts,
 		ExcludeOutboundCIDRs: conf.outboundCIDRs,

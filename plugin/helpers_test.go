@@ -177,6 +177,7 @@ type fakeDaemon struct {
 	keeps     [][]string
 	status    enroll.Status
 	enrollErr error
+	skip      string // the reason the daemon gives for skipping every pod; "" to serve them
 }
 
 func startDaemon(t *testing.T, backend string) *fakeDaemon {
@@ -216,7 +217,18 @@ func (d *fakeDaemon) Enroll(_ context.Context, p enroll.Pod) (enroll.Enrollment,
 		return enroll.Enrollment{}, d.enrollErr
 	}
 	d.pods[p.ContainerID] = p
+	if d.skip != "" {
+		return enroll.Enrollment{Pod: p, Skipped: d.skip, EnrolledAt: time.Now(), Backend: d.status.Backend}, nil
+	}
 	return enroll.Enrollment{Pod: p, SPIFFEID: "spiffe://cluster.local/ns/" + p.Namespace + "/sa/default", EnrolledAt: time.Now(), Backend: d.status.Backend}, nil
+}
+
+// publish publishes backend beside the daemon's socket, as meshlessd does when it starts.
+func (d *fakeDaemon) publish(t *testing.T, backend string) {
+	t.Helper()
+	if err := enroll.PublishBackend(d.socket, backend); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func (d *fakeDaemon) Remove(_ context.Context, id string) error {
@@ -288,7 +300,8 @@ func needRoot(t *testing.T) {
 	}
 }
 
-// podNetns creates a network namespace named mlplug-<random> with lo up and an eth0
+// podNetns creates a network namespace named mlplug-<random> (MESHLESS_TEST_NETNS_PREFIX
+// replaces mlplug-, so that concurrent runs on one machine can tell their namespaces apart) with lo up and an eth0
 // holding the addresses of podResult, and deletes it when the test ends.
 func podNetns(t *testing.T) (name, path string) {
 	t.Helper()
@@ -296,7 +309,11 @@ func podNetns(t *testing.T) (name, path string) {
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
 	}
-	name = "mlplug-" + hex.EncodeToString(b)
+	prefix := "mlplug-"
+	if p := os.Getenv("MESHLESS_TEST_NETNS_PREFIX"); p != "" {
+		prefix = p
+	}
+	name = prefix + hex.EncodeToString(b)
 	ip(t, "netns", "add", name)
 	t.Cleanup(func() {
 		// Tests may delete the namespace themselves.

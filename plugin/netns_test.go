@@ -84,18 +84,24 @@ func meshlessState(t *testing.T, netnsName string) []string {
 	return found
 }
 
-// TestLifecycle runs ADD, CHECK, DEL in a real netns for every supported version and backend.
+// TestLifecycle runs ADD, CHECK, DEL in a real netns for every supported version and backend,
+// with the daemon publishing its backend (the rules go in while it enrolls the pod), and once per
+// backend with a daemon that does not (the rules go in after the enrollment).
 func TestLifecycle(t *testing.T) {
 	needRoot(t)
 	for _, backend := range backends(t) {
 		for _, v := range cniVersions {
-			t.Run(string(backend)+"/"+v, func(t *testing.T) { testLifecycle(t, backend, v) })
+			t.Run(string(backend)+"/"+v, func(t *testing.T) { testLifecycle(t, backend, v, true) })
 		}
+		t.Run(string(backend)+"/unpublished", func(t *testing.T) { testLifecycle(t, backend, "1.1.0", false) })
 	}
 }
 
-func testLifecycle(t *testing.T, backend capture.Backend, v string) {
+func testLifecycle(t *testing.T, backend capture.Backend, v string, published bool) {
 	d := startDaemon(t, string(backend))
+	if published {
+		d.publish(t, string(backend))
+	}
 	name, path := podNetns(t)
 	prev := podResult(path)
 	keys := map[string]any{"socketPath": d.socket, "excludeInboundPorts": []int{15020}, "excludeOutboundCIDRs": []string{"169.254.169.254/32"}, "logLevel": "debug"}
@@ -206,6 +212,21 @@ func TestAddDaemonDown(t *testing.T) {
 		t.Errorf("rules left in the netns: %q", left)
 	}
 
+	// A daemon that published its backend and died: the rules that went in come out again.
+	t.Run("published", func(t *testing.T) {
+		if err := enroll.PublishBackend(sock, string(backends(t)[0])); err != nil {
+			t.Fatal(err)
+		}
+		e := run(t, invocation{command: "ADD", containerID: "c0ffee01", netns: path, ifName: "eth0", args: k8sArgs,
+			stdin: netconf(t, "1.0.0", map[string]any{"socketPath": sock}, podResult(path))}).cniError(t)
+		if e.Code != types.ErrTryAgainLater || !strings.Contains(e.Msg, "meshlessd not reachable at "+sock) {
+			t.Errorf("error = %+v", e)
+		}
+		if left := meshlessState(t, name); len(left) > 0 {
+			t.Errorf("rules left in the netns: %q", left)
+		}
+	})
+
 	t.Run("not ready", func(t *testing.T) {
 		d := startDaemon(t, "nft")
 		d.status.Ready = false
@@ -224,7 +245,16 @@ func TestAddDaemonDown(t *testing.T) {
 // enrollment is withdrawn and ADD fails: no pod is left enrolled without capture.
 func TestAddCaptureFails(t *testing.T) {
 	needRoot(t)
+	for _, published := range []string{"", string(backends(t)[0])} {
+		t.Run("published="+published, func(t *testing.T) { testAddCaptureFails(t, published) })
+	}
+}
+
+func testAddCaptureFails(t *testing.T, published string) {
 	d := startDaemon(t, "iptables-of-the-future")
+	if published != "" {
+		d.publish(t, published)
+	}
 	name, path := podNetns(t)
 	e := run(t, invocation{command: "ADD", containerID: "c0ffee02", netns: path, ifName: "eth0", args: k8sArgs,
 		stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))}).cniError(t)
@@ -242,23 +272,117 @@ func TestAddCaptureFails(t *testing.T) {
 	}
 }
 
-// TestAddEnrollFails: when the daemon refuses the pod, no rules go in.
+// TestAddEnrollFails: when the daemon refuses the pod, no rules are left in the netns, also
+// when they went in while the daemon was asked.
 func TestAddEnrollFails(t *testing.T) {
 	needRoot(t)
 	for _, backend := range backends(t) {
-		t.Run(string(backend), func(t *testing.T) {
-			d := startDaemon(t, string(backend))
-			d.enrollErr = errors.New("cannot open listeners in the pod netns: boom")
-			name, path := podNetns(t)
-			e := run(t, invocation{command: "ADD", containerID: "c0ffee01", netns: path, ifName: "eth0", args: k8sArgs,
-				stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))}).cniError(t)
-			if e.Code != types.ErrInternal || !strings.Contains(e.Msg, "boom") || !strings.Contains(e.Msg, "shop/web-0") {
-				t.Errorf("error = %+v", e)
-			}
-			if left := meshlessState(t, name); len(left) > 0 {
-				t.Errorf("rules left in the netns after the failed ADD: %q", left)
-			}
-		})
+		for _, published := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/published=%v", backend, published), func(t *testing.T) {
+				d := startDaemon(t, string(backend))
+				if published {
+					d.publish(t, string(backend))
+				}
+				d.enrollErr = errors.New("cannot open listeners in the pod netns: boom")
+				name, path := podNetns(t)
+				e := run(t, invocation{command: "ADD", containerID: "c0ffee01", netns: path, ifName: "eth0", args: k8sArgs,
+					stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))}).cniError(t)
+				if e.Code != types.ErrInternal || !strings.Contains(e.Msg, "boom") || !strings.Contains(e.Msg, "shop/web-0") {
+					t.Errorf("error = %+v", e)
+				}
+				if left := meshlessState(t, name); len(left) > 0 {
+					t.Errorf("rules left in the netns after the failed ADD: %q", left)
+				}
+			})
+		}
+	}
+}
+
+// TestReAddEnrollFails: a retried ADD whose enrollment fails leaves the rules the first ADD put
+// in: the pod may be running, and removing them would let its traffic out in plaintext.
+func TestReAddEnrollFails(t *testing.T) {
+	needRoot(t)
+	backend := backends(t)[0]
+	d := startDaemon(t, string(backend))
+	d.publish(t, string(backend))
+	_, path := podNetns(t)
+	conf := netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))
+	in := invocation{command: "ADD", containerID: "c0ffee05", netns: path, ifName: "eth0", args: k8sArgs, stdin: conf}
+	run(t, in).ok(t)
+	d.mu.Lock()
+	d.enrollErr = errors.New("boom")
+	d.mu.Unlock()
+	if e := run(t, in).cniError(t); !strings.Contains(e.Msg, "boom") {
+		t.Errorf("error = %+v", e)
+	}
+	parsed, err := parseConfig(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := captureConfig(parsed, backend, []netip.Addr{netip.MustParseAddr("10.99.0.5"), netip.MustParseAddr("fd00:99::5")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := capture.Check(path, cc); err != nil {
+		t.Errorf("the first ADD's rules after the failed retry: %v", err)
+	}
+}
+
+// TestAddSkipped: a pod the daemon skips gets no rules, also when they went in while the daemon
+// was asked, and ADD returns prevResult.
+func TestAddSkipped(t *testing.T) {
+	needRoot(t)
+	for _, backend := range backends(t) {
+		for _, published := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/published=%v", backend, published), func(t *testing.T) {
+				d := startDaemon(t, string(backend))
+				if published {
+					d.publish(t, string(backend))
+				}
+				d.skip = `annotation meshless.io/inject is "false"`
+				name, path := podNetns(t)
+				o := run(t, invocation{command: "ADD", containerID: "c0ffee03", netns: path, ifName: "eth0", args: k8sArgs,
+					stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))})
+				o.ok(t)
+				if !strings.Contains(string(o.stderr), "pod skipped by meshlessd") {
+					t.Errorf("stderr does not log the skip: %s", o.stderr)
+				}
+				if left := meshlessState(t, name); len(left) > 0 {
+					t.Errorf("rules left in the netns of a skipped pod: %q", left)
+				}
+			})
+		}
+	}
+}
+
+// TestAddPublishedBackendDiffers: when the published backend is not the one the daemon enrolls
+// with, the rules end up in the daemon's backend only.
+func TestAddPublishedBackendDiffers(t *testing.T) {
+	needRoot(t)
+	bs := backends(t)
+	if len(bs) < 2 {
+		t.Skip("needs both iptables backends")
+	}
+	d := startDaemon(t, string(capture.NFT))
+	d.publish(t, string(capture.Legacy))
+	name, path := podNetns(t)
+	conf := netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))
+	run(t, invocation{command: "ADD", containerID: "c0ffee04", netns: path, ifName: "eth0", args: k8sArgs, stdin: conf}).ok(t)
+	for _, line := range meshlessState(t, name) {
+		if strings.Contains(line, "legacy") {
+			t.Errorf("rules left in the published backend: %q", line)
+		}
+	}
+	parsed, err := parseConfig(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := captureConfig(parsed, capture.NFT, []netip.Addr{netip.MustParseAddr("10.99.0.5"), netip.MustParseAddr("fd00:99::5")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := capture.Check(path, cc); err != nil {
+		t.Errorf("rules in the daemon's backend: %v", err)
 	}
 }
 

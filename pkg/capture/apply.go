@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"net/netip"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 
@@ -42,45 +45,52 @@ func toolName(b Backend, family int, suffix string) string {
 	return prefix + "-" + string(b) + suffix
 }
 
-// familyTools holds the programs of one family; they are resolved in the host netns, before
-// entering the pod's.
+// familyTools finds the programs of one family. The restore program, which every Apply and
+// Remove runs, is found up front, so that a missing backend fails before the pod's netns is
+// touched; the others only when needed, since searching PATH costs a fraction of a millisecond
+// per program and a new pod's ADD needs only the restore program.
 type familyTools struct {
-	family   int
-	iptables string
-	save     string
-	restore  string
+	backend Backend
+	family  int
+	restore string
 }
 
 func resolveTools(b Backend, families []int) ([]familyTools, error) {
 	var out []familyTools
 	for _, f := range families {
-		ipt, err := lookTool(toolName(b, f, ""))
-		if err != nil {
-			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
+		t := familyTools{backend: b, family: f}
+		var err error
+		if t.restore, err = t.find("-restore"); err != nil {
+			return nil, err
 		}
-		save, err := lookTool(toolName(b, f, "-save"))
-		if err != nil {
-			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
-		}
-		restore, err := lookTool(toolName(b, f, "-restore"))
-		if err != nil {
-			return nil, fmt.Errorf("iptables backend %s: %w", b, err)
-		}
-		out = append(out, familyTools{family: f, iptables: ipt, save: save, restore: restore})
+		out = append(out, t)
 	}
 	return out, nil
+}
+
+// find returns the path of the family's program with the given suffix ("", "-save", "-restore").
+func (t familyTools) find(suffix string) (string, error) {
+	p, err := lookTool(toolName(t.backend, t.family, suffix))
+	if err != nil {
+		return "", fmt.Errorf("iptables backend %s: %w", t.backend, err)
+	}
+	return p, nil
 }
 
 // handle returns a go-iptables handle on the backend's program. It runs the program (for its
 // version), so it is called inside the netns closure like every other iptables command.
 func (t familyTools) handle() (*iptables.IPTables, error) {
+	path, err := t.find("")
+	if err != nil {
+		return nil, err
+	}
 	proto := iptables.ProtocolIPv4
 	if t.family == 6 {
 		proto = iptables.ProtocolIPv6
 	}
-	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(t.iptables), iptables.Timeout(lockWaitSeconds))
+	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(path), iptables.Timeout(lockWaitSeconds))
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", t.iptables, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return ipt, nil
 }
@@ -99,49 +109,134 @@ func prepare(c Config) (Config, []familyTools, error) {
 // family are written in one iptables-restore --noflush transaction together with whichever jumps
 // are missing, so a pod is never half captured and applying twice leaves exactly one copy of
 // everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
-// the CNI calls of one pod). The families are independent and go in side by side: a dual-stack
-// pod's ADD waits for the slower family, not for the sum.
+// the CNI calls of one pod). The families are independent and go in side by side, the policy
+// routing while a restore program works: a pod's ADD waits for the slowest, not for the sum.
 func Apply(nsPath string, c Config) error {
+	_, err := apply(nsPath, c, known(c.NodeIPs))
+	return err
+}
+
+// ApplyOnNode is Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set to
+// NodeAddrs(c.PodIPs). The node's addresses are read while the restore programs start in the
+// pod's netns, so that a new pod's ADD waits for the slower of the two, not for both. fresh
+// reports whether the netns held no nat and no mangle table in any of the pod's families before
+// the call: then whatever of ours is there is the call's doing, and Remove undoes just that.
+func ApplyOnNode(nsPath string, c Config) (fresh bool, err error) {
+	addrs := &nodeAddrs{done: make(chan struct{})}
+	go func() {
+		defer close(addrs.done)
+		addrs.ips, addrs.err = NodeAddrs(c.PodIPs)
+	}()
+	return apply(nsPath, c, addrs)
+}
+
+// nodeAddrs delivers the node's addresses to every family's goroutine once they are read.
+type nodeAddrs struct {
+	done chan struct{}
+	ips  []netip.Addr
+	err  error
+}
+
+func known(ips []netip.Addr) *nodeAddrs {
+	n := &nodeAddrs{done: make(chan struct{}), ips: ips}
+	close(n.done)
+	return n
+}
+
+// config returns c with the node's addresses, once they are read.
+func (n *nodeAddrs) config(c Config) (Config, error) {
+	<-n.done
+	if n.err != nil {
+		return c, n.err
+	}
+	c.NodeIPs = n.ips
+	if err := c.Validate(); err != nil {
+		return c, fmt.Errorf("capture config: %w", err)
+	}
+	return c.normalized(), nil
+}
+
+func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 	c, tools, err := prepare(c)
 	if err != nil {
-		return err
-	}
-	// The policy route points at lo, which the kernel only accepts while lo is up.
-	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error { return ensureLoopbackUp() })
-	if err != nil {
-		return fmt.Errorf("install capture in netns %s: %w", nsPath, err)
+		return false, err
 	}
 	errs := make([]error, len(tools))
+	freshes := make([]bool, len(tools))
+	// The policy routing goes in while the first family's restore program works: it is a few
+	// netlink calls, and the route points at lo, which the kernel only accepts while lo is up.
+	routing := func() error {
+		if err := ensureLoopbackUp(); err != nil {
+			return err
+		}
+		for _, t := range tools {
+			if err := applyRouting(t.family); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	var wg sync.WaitGroup
+	// Each goroutine enters the netns on its own thread: programs started from it inherit the
+	// netns, those of another goroutine would not.
 	for i, t := range tools {
+		meanwhile := routing
+		if i > 0 {
+			meanwhile = nil
+		}
 		wg.Go(func() {
-			// Each goroutine enters the netns on its own thread: programs started from it
-			// inherit the netns, those of another goroutine would not.
 			errs[i] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-				if err := applyFamily(t, c); err != nil {
-					return err
-				}
-				return applyRouting(t.family)
+				var err error
+				freshes[i], err = applyFamily(t, c, addrs, meanwhile)
+				return err
 			})
 		})
 	}
 	wg.Wait()
+	fresh = !slices.Contains(freshes, false)
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("install capture in netns %s: %w", nsPath, err)
+		return fresh, fmt.Errorf("install capture in netns %s: %w", nsPath, err)
 	}
-	return nil
+	return fresh, nil
 }
 
-// applyFamily runs two programs: one iptables-save to see which jumps are in place already, and
-// one iptables-restore with the rest. (Asking iptables about each jump instead costs a program
-// run per question, and each run is milliseconds of a pod's CNI ADD.)
-func applyFamily(t familyTools, c Config) error {
-	var stderr bytes.Buffer
-	save := exec.Command(t.save)
-	save.Stderr = &stderr
-	saved, err := save.Output()
+// applyFamily writes one family's chains and missing jumps with one iptables-restore. Which
+// jumps are missing it learns from the kernel when the netns holds neither a nat nor a mangle
+// table (a new pod's: then every jump is), and otherwise from one iptables-save. (Asking
+// iptables about each jump instead costs a program run per question, and each run is
+// milliseconds of a pod's CNI ADD.) In a new pod's netns the restore program starts at once and
+// gets its input when the node's addresses are known: starting a program is most of its cost.
+// meanwhile, unless nil, runs in the netns too, while the program works. fresh reports whether
+// the netns held neither table.
+func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error) (fresh bool, err error) {
+	if meanwhile == nil {
+		meanwhile = func() error { return nil }
+	}
+	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
+		r, err := t.startRestore()
+		if err != nil {
+			return true, err
+		}
+		c, err := addrs.config(c)
+		if err != nil {
+			r.abort()
+			return true, err
+		}
+		chs := chains(c, t.family)
+		// The program commits while meanwhile runs.
+		ferr := r.feed(restoreInput(chs, chs))
+		merr := meanwhile()
+		return true, errors.Join(r.wait(ferr), merr)
+	}
+	if err := meanwhile(); err != nil {
+		return false, err
+	}
+	saved, err := t.runSave()
 	if err != nil {
-		return fmt.Errorf("%s: %w: %s", t.save, err, strings.TrimSpace(stderr.String()))
+		return false, err
+	}
+	if c, err = addrs.config(c); err != nil {
+		return false, err
 	}
 	chs := chains(c, t.family)
 	present := jumpsIn(saved)
@@ -151,14 +246,81 @@ func applyFamily(t familyTools, c Config) error {
 			missing = append(missing, ch)
 		}
 	}
-	stderr.Reset()
-	cmd := exec.Command(t.restore, "--noflush", fmt.Sprintf("--wait=%d", lockWaitSeconds))
-	cmd.Stdin = strings.NewReader(restoreInput(chs, missing))
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("%s --noflush: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
+	return false, t.runRestore(restoreInput(chs, missing))
+}
+
+// runSave returns the family's iptables-save output.
+func (t familyTools) runSave() ([]byte, error) {
+	path, err := t.find("-save")
+	if err != nil {
+		return nil, err
+	}
+	var stderr bytes.Buffer
+	save := exec.Command(path)
+	save.Stderr = &stderr
+	saved, err := save.Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %s", path, err, strings.TrimSpace(stderr.String()))
+	}
+	return saved, nil
+}
+
+// runRestore applies input with iptables-restore --noflush, in one transaction per table.
+func (t familyTools) runRestore(input string) error {
+	r, err := t.startRestore()
+	if err != nil {
+		return err
+	}
+	return r.finish(input)
+}
+
+// restoreRun is an iptables-restore --noflush waiting for its input.
+type restoreRun struct {
+	path   string
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	stderr bytes.Buffer
+}
+
+func (t familyTools) startRestore() (*restoreRun, error) {
+	r := &restoreRun{path: t.restore, cmd: exec.Command(t.restore, "--noflush", fmt.Sprintf("--wait=%d", lockWaitSeconds))}
+	r.cmd.Stderr = &r.stderr
+	var err error
+	if r.stdin, err = r.cmd.StdinPipe(); err != nil {
+		return nil, fmt.Errorf("%s: %w", t.restore, err)
+	}
+	if err := r.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: %w", t.restore, err)
+	}
+	return r, nil
+}
+
+// finish hands the program its input, in one transaction per table, and waits for it.
+func (r *restoreRun) finish(input string) error {
+	return r.wait(r.feed(input))
+}
+
+// feed hands the program its input and closes it, without waiting for the program.
+func (r *restoreRun) feed(input string) error {
+	_, werr := io.WriteString(r.stdin, input)
+	return errors.Join(werr, r.stdin.Close())
+}
+
+// wait waits for the program; feedErr is what feed returned.
+func (r *restoreRun) wait(feedErr error) error {
+	if err := r.cmd.Wait(); err != nil {
+		return fmt.Errorf("%s --noflush: %w: %s", r.path, err, strings.TrimSpace(r.stderr.String()))
+	}
+	if feedErr != nil {
+		return fmt.Errorf("%s --noflush: input: %w", r.path, feedErr)
 	}
 	return nil
+}
+
+// abort ends the program without input: it then changes nothing.
+func (r *restoreRun) abort() {
+	_ = r.stdin.Close()
+	_ = r.cmd.Wait()
 }
 
 // jumpKey names a jump from a built-in chain of a table to one of our chains.
@@ -184,19 +346,6 @@ func jumpsIn(saved []byte) map[jumpKey]bool {
 		}
 	}
 	return out
-}
-
-// jumpExists reports whether ch's jump is in its parent chain. iptables refuses to even look for
-// a jump to a chain that does not exist, and such a jump cannot exist, so that case is false.
-func jumpExists(ipt *iptables.IPTables, ch chain) (bool, error) {
-	ok, err := ipt.ChainExists(ch.table, ch.name)
-	if err == nil && ok {
-		ok, err = ipt.Exists(ch.table, ch.parent, ch.jump...)
-	}
-	if err != nil {
-		return false, fmt.Errorf("look for jump to %s in %s %s: %w", ch.name, ch.table, ch.parent, err)
-	}
-	return ok, nil
 }
 
 // Check verifies, in the netns at nsPath, that everything Apply installs for c is present and
@@ -310,8 +459,8 @@ func countAppends(listed []string, target string) int {
 	return n
 }
 
-// Remove deletes, in the netns at nsPath, what Apply installs for c: the jumps first (so traffic
-// stops being redirected), then the chains, the policy rule and the route. Missing pieces, and a
+// Remove deletes, in the netns at nsPath, what Apply installs for c: per family, the jumps and
+// the chains in one transaction, then the policy rule and the route. Missing pieces, and a
 // netns that no longer exists, are not errors. Only the families c implies are touched, as in Apply.
 func Remove(nsPath string, c Config) error {
 	if c.Backend != Legacy && c.Backend != NFT {
@@ -346,38 +495,77 @@ func Remove(nsPath string, c Config) error {
 	return nil
 }
 
+// removeFamily deletes every jump to one of our chains and then the chains, in one
+// iptables-restore transaction built from one iptables-save: two program runs, whatever there
+// is to remove, and never a state with a jump to a chain that is gone.
 func removeFamily(t familyTools, c Config) error {
-	ipt, err := t.handle()
+	saved, err := t.runSave()
 	if err != nil {
 		return err
 	}
-	chs := chains(c, t.family)
-	for _, ch := range chs {
-		// Loop, so that duplicates someone added by hand go too.
-		for {
-			ok, err := jumpExists(ipt, ch)
-			if err != nil {
-				return err
-			}
-			if !ok {
-				break
-			}
-			if err := ipt.Delete(ch.table, ch.parent, ch.jump...); err != nil {
-				return fmt.Errorf("delete jump to %s: %w", ch.name, err)
-			}
-		}
+	var names []string
+	for _, ch := range chains(c, t.family) {
+		names = append(names, ch.name)
 	}
-	for _, ch := range chs {
-		ok, err := ipt.ChainExists(ch.table, ch.name)
-		if err != nil {
-			return fmt.Errorf("look for chain %s: %w", ch.name, err)
-		}
-		if !ok {
+	input := removalInput(saved, names)
+	if input == "" {
+		return nil
+	}
+	return t.runRestore(input)
+}
+
+// removalInput returns the iptables-restore --noflush input that deletes, from the state that
+// iptables-save output describes, every rule outside the named chains that jumps (or goes) to
+// one of them, then flushes and deletes them; "" when none of them exists. The rules are
+// deleted by their exact spec as saved, so duplicates someone added by hand go too.
+func removalInput(saved []byte, names []string) string {
+	type table struct {
+		name   string
+		dels   []string
+		chains []string
+	}
+	var tables []*table
+	var cur *table
+	for _, line := range strings.Split(string(saved), "\n") {
+		if name, ok := strings.CutPrefix(line, "*"); ok {
+			cur = &table{name: strings.TrimSpace(name)}
+			tables = append(tables, cur)
 			continue
 		}
-		if err := ipt.ClearAndDeleteChain(ch.table, ch.name); err != nil {
-			return fmt.Errorf("delete chain %s: %w", ch.name, err)
+		if cur == nil {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if name, ok := strings.CutPrefix(f[0], ":"); ok && slices.Contains(names, name) {
+			cur.chains = append(cur.chains, name)
+			continue
+		}
+		if len(f) < 2 || f[0] != "-A" || slices.Contains(names, f[1]) {
+			continue
+		}
+		for i := 2; i+1 < len(f); i++ {
+			if (f[i] == "-j" || f[i] == "--jump" || f[i] == "-g" || f[i] == "--goto") && slices.Contains(names, f[i+1]) {
+				cur.dels = append(cur.dels, "-D"+strings.TrimPrefix(line, "-A"))
+				break
+			}
 		}
 	}
-	return nil
+	var b strings.Builder
+	for _, t := range tables {
+		if len(t.dels) == 0 && len(t.chains) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "*%s\n", t.name)
+		for _, d := range t.dels {
+			b.WriteString(d + "\n")
+		}
+		for _, ch := range t.chains {
+			fmt.Fprintf(&b, "-F %s\n-X %s\n", ch, ch)
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return b.String()
 }

@@ -16,14 +16,23 @@ func needRoot(t testing.TB) {
 	}
 }
 
-// newNetns creates a network namespace named mlcap-<random> (lo down, as the kernel makes it), removed when the test ends.
+// netnsPrefix starts the names of the namespaces the tests create; MESHLESS_TEST_NETNS_PREFIX
+// replaces it, so that concurrent runs on one machine can tell their namespaces apart.
+func netnsPrefix() string {
+	if p := os.Getenv("MESHLESS_TEST_NETNS_PREFIX"); p != "" {
+		return p
+	}
+	return "mlcap-"
+}
+
+// newNetns creates a network namespace named <prefix><random> (lo down, as the kernel makes it), removed when the test ends.
 func newNetns(t testing.TB) (name, path string) {
 	t.Helper()
 	suffix := make([]byte, 5)
 	if _, err := rand.Read(suffix); err != nil {
 		t.Fatal(err)
 	}
-	name = "mlcap-" + hex.EncodeToString(suffix)
+	name = netnsPrefix() + hex.EncodeToString(suffix)
 	run(t, "ip", "netns", "add", name)
 	t.Cleanup(func() {
 		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
@@ -51,4 +60,11 @@ func run(t testing.TB, name string, args ...string) string {
 func inNetns(t *testing.T, netns string, args ...string) string {
 	t.Helper()
 	return run(t, "ip", append([]string{"netns", "exec", netns}, args...)...)
+}
+
+// runWithStdin runs a command inside the named netns with input on its standard input.
+func runWithStdin(netns, input string, args ...string) ([]byte, error) {
+	cmd := exec.Command("ip", append([]string{"netns", "exec", netns}, args...)...)
+	cmd.Stdin = strings.NewReader(input)
+	return cmd.CombinedOutput()
 }
