@@ -1,15 +1,13 @@
 package capture
 
 import (
-	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"strings"
-	"syscall"
 
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -72,74 +70,26 @@ func nftTables(family int) ([]string, error) {
 	if family == 6 {
 		proto = unix.NFPROTO_IPV6
 	}
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETTABLE, unix.NLM_F_DUMP)
+	req.AddData(&nl.Nfgenmsg{NfgenFamily: proto, Version: nl.NFNETLINK_V0})
+	msgs, err := req.Execute(unix.NETLINK_NETFILTER, 0)
 	if err != nil {
-		return nil, fmt.Errorf("list nftables tables: netlink socket: %w", err)
-	}
-	defer unix.Close(fd)
-	// nlmsghdr then nfgenmsg: a dump of every table of the family.
-	req := make([]byte, unix.NLMSG_HDRLEN+4)
-	ne := binary.NativeEndian
-	ne.PutUint32(req[0:], uint32(len(req)))
-	ne.PutUint16(req[4:], unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETTABLE)
-	ne.PutUint16(req[6:], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
-	ne.PutUint32(req[8:], 1) // sequence number
-	req[unix.NLMSG_HDRLEN] = proto
-	req[unix.NLMSG_HDRLEN+1] = unix.NFNETLINK_V0
-	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return nil, fmt.Errorf("list nftables tables: send: %w", err)
+		return nil, fmt.Errorf("list nftables tables: %w", err)
 	}
 	var names []string
-	buf := make([]byte, 64<<10)
-	for {
-		n, _, err := unix.Recvfrom(fd, buf, 0)
-		if err != nil {
-			return nil, fmt.Errorf("list nftables tables: receive: %w", err)
+	for _, m := range msgs {
+		if len(m) < nl.SizeofNfgenmsg {
+			return nil, errors.New("list nftables tables: short message")
 		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		attrs, err := nl.ParseRouteAttr(m[nl.SizeofNfgenmsg:])
 		if err != nil {
 			return nil, fmt.Errorf("list nftables tables: %w", err)
 		}
-		for _, m := range msgs {
-			switch m.Header.Type {
-			case unix.NLMSG_DONE:
-				return names, nil
-			case unix.NLMSG_ERROR:
-				if len(m.Data) < 4 {
-					return nil, errors.New("list nftables tables: short netlink error")
-				}
-				if errno := int32(ne.Uint32(m.Data)); errno != 0 {
-					return nil, fmt.Errorf("list nftables tables: %w", unix.Errno(-errno))
-				}
-				return names, nil
-			}
-			if len(m.Data) < 4 {
-				continue
-			}
-			if name, ok := tableName(m.Data[4:]); ok {
-				names = append(names, name)
+		for _, a := range attrs {
+			if a.Attr.Type&^(unix.NLA_F_NESTED|unix.NLA_F_NET_BYTEORDER) == unix.NFTA_TABLE_NAME {
+				names = append(names, strings.TrimRight(string(a.Value), "\x00"))
 			}
 		}
 	}
-}
-
-// tableName returns NFTA_TABLE_NAME from the attributes of a table message.
-func tableName(attrs []byte) (string, bool) {
-	ne := binary.NativeEndian
-	for len(attrs) >= unix.SizeofNlAttr {
-		l := int(ne.Uint16(attrs[0:]))
-		typ := ne.Uint16(attrs[2:]) &^ (unix.NLA_F_NESTED | unix.NLA_F_NET_BYTEORDER)
-		if l < unix.SizeofNlAttr || l > len(attrs) {
-			return "", false
-		}
-		if typ == unix.NFTA_TABLE_NAME {
-			return string(bytes.TrimRight(attrs[unix.SizeofNlAttr:l], "\x00")), true
-		}
-		next := (l + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1)
-		if next > len(attrs) {
-			return "", false
-		}
-		attrs = attrs[next:]
-	}
-	return "", false
+	return names, nil
 }
