@@ -276,6 +276,23 @@ func testAddCaptureFails(t *testing.T, published string) {
 // when they went in while the daemon was asked.
 func TestAddEnrollFails(t *testing.T) {
 	needRoot(t)
+	eachDaemon(t, func(t *testing.T, d *fakeDaemon) {
+		d.enrollErr = errors.New("cannot open listeners in the pod netns: boom")
+		name, path := podNetns(t)
+		e := run(t, invocation{command: "ADD", containerID: "c0ffee01", netns: path, ifName: "eth0", args: k8sArgs,
+			stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))}).cniError(t)
+		if e.Code != types.ErrInternal || !strings.Contains(e.Msg, "boom") || !strings.Contains(e.Msg, "shop/web-0") {
+			t.Errorf("error = %+v", e)
+		}
+		if left := meshlessState(t, name); len(left) > 0 {
+			t.Errorf("rules left in the netns after the failed ADD: %q", left)
+		}
+	})
+}
+
+// eachDaemon runs f against a daemon of every backend, one that publishes its backend beside its
+// socket (the rules go in while it enrolls the pod) and one that does not (they go in after).
+func eachDaemon(t *testing.T, f func(t *testing.T, d *fakeDaemon)) {
 	for _, backend := range backends(t) {
 		for _, published := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/published=%v", backend, published), func(t *testing.T) {
@@ -283,16 +300,7 @@ func TestAddEnrollFails(t *testing.T) {
 				if published {
 					d.publish(t, string(backend))
 				}
-				d.enrollErr = errors.New("cannot open listeners in the pod netns: boom")
-				name, path := podNetns(t)
-				e := run(t, invocation{command: "ADD", containerID: "c0ffee01", netns: path, ifName: "eth0", args: k8sArgs,
-					stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))}).cniError(t)
-				if e.Code != types.ErrInternal || !strings.Contains(e.Msg, "boom") || !strings.Contains(e.Msg, "shop/web-0") {
-					t.Errorf("error = %+v", e)
-				}
-				if left := meshlessState(t, name); len(left) > 0 {
-					t.Errorf("rules left in the netns after the failed ADD: %q", left)
-				}
+				f(t, d)
 			})
 		}
 	}
@@ -332,27 +340,19 @@ func TestReAddEnrollFails(t *testing.T) {
 // was asked, and ADD returns prevResult.
 func TestAddSkipped(t *testing.T) {
 	needRoot(t)
-	for _, backend := range backends(t) {
-		for _, published := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/published=%v", backend, published), func(t *testing.T) {
-				d := startDaemon(t, string(backend))
-				if published {
-					d.publish(t, string(backend))
-				}
-				d.skip = `annotation meshless.io/inject is "false"`
-				name, path := podNetns(t)
-				o := run(t, invocation{command: "ADD", containerID: "c0ffee03", netns: path, ifName: "eth0", args: k8sArgs,
-					stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))})
-				o.ok(t)
-				if !strings.Contains(string(o.stderr), "pod skipped by meshlessd") {
-					t.Errorf("stderr does not log the skip: %s", o.stderr)
-				}
-				if left := meshlessState(t, name); len(left) > 0 {
-					t.Errorf("rules left in the netns of a skipped pod: %q", left)
-				}
-			})
+	eachDaemon(t, func(t *testing.T, d *fakeDaemon) {
+		d.skip = `annotation meshless.io/inject is "false"`
+		name, path := podNetns(t)
+		o := run(t, invocation{command: "ADD", containerID: "c0ffee03", netns: path, ifName: "eth0", args: k8sArgs,
+			stdin: netconf(t, "1.1.0", map[string]any{"socketPath": d.socket}, podResult(path))})
+		o.ok(t)
+		if !strings.Contains(string(o.stderr), "pod skipped by meshlessd") {
+			t.Errorf("stderr does not log the skip: %s", o.stderr)
 		}
-	}
+		if left := meshlessState(t, name); len(left) > 0 {
+			t.Errorf("rules left in the netns of a skipped pod: %q", left)
+		}
+	})
 }
 
 // TestAddPublishedBackendDiffers: when the published backend is not the one the daemon enrolls
