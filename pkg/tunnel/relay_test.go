@@ -126,18 +126,7 @@ func TestRelayPropagatesReset(t *testing.T) {
 
 // The TLS side of a relay half-closes with close_notify and still reads.
 func TestRelayOverTLSHalfClose(t *testing.T) {
-	client, a := tcpPair(t)
-	rawB, rawS := tcpPair(t)
-	cert := selfSigned(t)
-	tlsB := tls.Client(rawB, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
-	tlsS := tls.Server(rawS, &tls.Config{Certificates: []tls.Certificate{cert}})
-	done := make(chan error, 1)
-	go func() {
-		_, _, err := relay(a, tlsB, func() { reset(a); reset(rawB) })
-		a.Close()
-		rawB.Close()
-		done <- err
-	}()
+	client, tlsS, done := startTLSRelay(t, func(c net.Conn) net.Conn { return c })
 	go func() {
 		got, _ := io.ReadAll(tlsS)
 		tlsS.Write(append([]byte("echo:"), got...))
@@ -154,13 +143,25 @@ func TestRelayOverTLSHalfClose(t *testing.T) {
 	}
 }
 
-func BenchmarkRelayTLS(b *testing.B) {
-	client, a := tcpPair(b)
-	rawB, rawS := tcpPair(b)
-	cert := selfSigned(b)
+// startTLSRelay relays between a plain client and a TLS client, whose server end it returns
+// (over wrap of its TCP connection) with the relay's outcome.
+func startTLSRelay(t testing.TB, wrap func(net.Conn) net.Conn) (client *net.TCPConn, server *tls.Conn, done <-chan error) {
+	client, a := tcpPair(t)
+	rawB, rawS := tcpPair(t)
 	tlsB := tls.Client(rawB, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
-	tlsS := tls.Server(rawS, &tls.Config{Certificates: []tls.Certificate{cert}})
-	go relay(a, tlsB, func() { reset(a); reset(rawB) })
+	server = tls.Server(wrap(rawS), &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
+	out := make(chan error, 1)
+	go func() {
+		_, _, err := relay(a, tlsB, func() { reset(a); reset(rawB) })
+		a.Close()
+		rawB.Close()
+		out <- err
+	}()
+	return client, server, out
+}
+
+func BenchmarkRelayTLS(b *testing.B) {
+	client, tlsS, _ := startTLSRelay(b, func(c net.Conn) net.Conn { return c })
 	go io.Copy(io.Discard, tlsS)
 	chunk := make([]byte, 64<<10)
 	b.SetBytes(int64(len(chunk)))
@@ -264,19 +265,11 @@ func (w *splitWriter) Write(p []byte) (int, error) {
 // A TLS source that goes idle (its relay gives the buffer back and waits on the socket) loses
 // nothing: not across a silence, nor when a record arrives in two halves that far apart.
 func TestRelayTLSSourceIdle(t *testing.T) {
-	client, a := tcpPair(t)
-	rawB, rawS := tcpPair(t)
-	cert := selfSigned(t)
-	tlsB := tls.Client(rawB, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
-	slow := &splitWriter{Conn: rawS}
-	tlsS := tls.Server(slow, &tls.Config{Certificates: []tls.Certificate{cert}})
-	done := make(chan error, 1)
-	go func() {
-		_, _, err := relay(a, tlsB, func() { reset(a); reset(rawB) })
-		a.Close()
-		rawB.Close()
-		done <- err
-	}()
+	var slow *splitWriter
+	client, tlsS, done := startTLSRelay(t, func(c net.Conn) net.Conn {
+		slow = &splitWriter{Conn: c}
+		return slow
+	})
 	if err := tlsS.Handshake(); err != nil {
 		t.Fatal(err)
 	}
