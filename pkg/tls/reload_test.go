@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshless/meshless/internal/logtest"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -111,7 +112,7 @@ func TestWatchCADir(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs logtest.Buffer
 	src := NewCASource(ca, testTD, time.Hour, jsonLogger(&logs))
 	a, b := mustID(t, testTD, "demo", "a"), mustID(t, testTD, "demo", "b")
 	for _, id := range []spiffeid.ID{a, b} {
@@ -342,7 +343,7 @@ func TestSVIDOfReplacedCA(t *testing.T) {
 
 // TestSetCANoChange rewrites the same CA: no notification, no re-mint.
 func TestSetCANoChange(t *testing.T) {
-	var logs syncBuffer
+	var logs logtest.Buffer
 	p := newCAPair(t)
 	src := NewCASource(p.oldCA, testTD, time.Hour, jsonLogger(&logs))
 	id := mustID(t, testTD, "demo", "a")

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshless/meshless/internal/logtest"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
@@ -197,7 +198,7 @@ func TestRotateAtHalfLife(t *testing.T) {
 // half-life, it re-mints and logs it.
 func TestRunRotates(t *testing.T) {
 	const ttl = 24 * time.Hour
-	var logs syncBuffer
+	var logs logtest.Buffer
 	clock := &fakeClock{t: time.Now()}
 	src := NewCASource(newTestCA(t), testTD, ttl, jsonLogger(&logs))
 	src.now = clock.Now
@@ -269,7 +270,7 @@ func waitRotated(t *testing.T, src *CASource, id spiffeid.ID, old *x509svid.SVID
 
 // TestRotationFailureRetries keeps the old SVID in use when re-minting fails and retries later.
 func TestRotationFailureRetries(t *testing.T) {
-	var logs syncBuffer
+	var logs logtest.Buffer
 	ca := newTestCA(t)
 	// Half-life falls after the CA's expiry, so the re-mint fails.
 	clock := &fakeClock{t: ca.Certificate().NotAfter.Add(-2 * time.Hour)}

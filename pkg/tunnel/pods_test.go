@@ -16,7 +16,6 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -24,6 +23,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshless/meshless/internal/logtest"
 	"github.com/meshless/meshless/pkg/capture"
 	meshtls "github.com/meshless/meshless/pkg/tls"
 )
@@ -34,7 +34,7 @@ import (
 type podPair struct {
 	client, server   *testPod
 	proxy            *Proxy
-	logs             *syncBuffer
+	logs             *logtest.Buffer
 	serverAddr       netip.AddrPort
 	clientIP         netip.Addr
 	accepted         chan acceptedConn
@@ -85,7 +85,7 @@ func newPodPair(t testing.TB, opts ...meshtls.Option) *podPair {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &podPair{logs: &syncBuffer{}, serverAddr: netip.AddrPortFrom(pairServerIP, pairServerPort), clientIP: pairClientIP}
+	p := &podPair{logs: &logtest.Buffer{}, serverAddr: netip.AddrPortFrom(pairServerIP, pairServerPort), clientIP: pairClientIP}
 	p.client = newTestPod(t)
 	p.server = newTestPod(t)
 	run(t, "ip", "-n", p.client.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", p.server.name)
@@ -239,7 +239,7 @@ func (p *podPair) dial(t testing.TB) *net.TCPConn {
 func (p *podPair) logLines(t testing.TB) []map[string]any {
 	t.Helper()
 	var lines []map[string]any
-	sc := bufio.NewScanner(bytes.NewReader(p.logs.Bytes()))
+	sc := bufio.NewScanner(strings.NewReader(p.logs.String()))
 	for sc.Scan() {
 		var m map[string]any
 		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
@@ -250,24 +250,6 @@ func (p *podPair) logLines(t testing.TB) []map[string]any {
 		}
 	}
 	return lines
-}
-
-// syncBuffer collects log output written from several goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) Bytes() []byte {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return bytes.Clone(b.buf.Bytes())
 }
 
 // TestPodsEndToEnd carries connections between two attached pods over mTLS: bytes arrive intact
