@@ -4,9 +4,9 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
-	"syscall"
 	"testing"
-	"time"
+
+	"github.com/meshless/meshless/internal/benchcpu"
 )
 
 // BenchmarkHandshakeFull measures a full mutual TLS 1.3 handshake (ECDSA P-256 both ways,
@@ -17,13 +17,13 @@ func BenchmarkHandshakeFull(b *testing.B) {
 	// Tickets off: every handshake is a full one.
 	server.SessionTicketsDisabled = true
 	addr := benchServer(b, server)
-	start := cpuTime(b)
+	start := benchcpu.Now(b)
 	for b.Loop() {
 		if cs := benchHandshake(b, addr, client); cs.DidResume {
 			b.Fatal("resumed")
 		}
 	}
-	reportCPU(b, start)
+	benchcpu.Report(b, start)
 }
 
 // BenchmarkHandshakeResumed measures a handshake resuming an earlier session (PSK with a fresh
@@ -32,27 +32,13 @@ func BenchmarkHandshakeResumed(b *testing.B) {
 	client, server := benchConfigs(b)
 	addr := benchServer(b, server)
 	benchHandshake(b, addr, client)
-	start := cpuTime(b)
+	start := benchcpu.Now(b)
 	for b.Loop() {
 		if cs := benchHandshake(b, addr, client); !cs.DidResume {
 			b.Fatal("not resumed")
 		}
 	}
-	reportCPU(b, start)
-}
-
-// cpuTime returns the CPU time (user and system) the process has used so far. Reported per
-// handshake it is the cost of both ends together, which wall time on a busy machine hides.
-func cpuTime(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-func reportCPU(b *testing.B, start time.Duration) {
-	b.ReportMetric(float64(cpuTime(b)-start)/float64(b.N), "cpu-ns/op")
+	benchcpu.Report(b, start)
 }
 
 func benchConfigs(b *testing.B) (client, server *tls.Config) {

@@ -16,13 +16,13 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshless/meshless/internal/benchcpu"
 	"github.com/meshless/meshless/internal/logtest"
 	"github.com/meshless/meshless/pkg/capture"
 	meshtls "github.com/meshless/meshless/pkg/tls"
@@ -361,7 +361,7 @@ func BenchmarkPodsRequestResponse(b *testing.B) {
 	}
 	msg, buf := make([]byte, 64), make([]byte, 64)
 	b.ReportAllocs()
-	start := cpuTime(b)
+	start := benchcpu.Now(b)
 	for b.Loop() {
 		if _, err := c.Write(msg); err != nil {
 			b.Fatal(err)
@@ -370,7 +370,7 @@ func BenchmarkPodsRequestResponse(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	reportCPU(b, start)
+	benchcpu.Report(b, start)
 }
 
 // BenchmarkPodsNewConnection opens a connection per request through both proxies: a resumed
@@ -384,11 +384,11 @@ func BenchmarkPodsNewConnection(b *testing.B) {
 		b.Run(v.name, func(b *testing.B) {
 			p := newPodPair(b, meshtls.PostQuantum(v.pq))
 			b.ReportAllocs()
-			start := cpuTime(b)
+			start := benchcpu.Now(b)
 			for b.Loop() {
 				p.peerOf(b)
 			}
-			reportCPU(b, start)
+			benchcpu.Report(b, start)
 		})
 	}
 }
@@ -405,28 +405,13 @@ func BenchmarkPodsBulk(b *testing.B) {
 	chunk := make([]byte, 64<<10)
 	b.SetBytes(int64(len(chunk)))
 	b.ReportAllocs()
-	start := cpuTime(b)
+	start := benchcpu.Now(b)
 	for b.Loop() {
 		if _, err := c.Write(chunk); err != nil {
 			b.Fatal(err)
 		}
 	}
-	reportCPU(b, start)
-}
-
-// cpuTime returns the CPU time (user and system) the process has used so far. Reported per
-// operation it is the cost of the client, both proxies and the server together, which wall time
-// on a busy machine hides.
-func cpuTime(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-func reportCPU(b *testing.B, start time.Duration) {
-	b.ReportMetric(float64(cpuTime(b)-start)/float64(b.N), "cpu-ns/op")
+	benchcpu.Report(b, start)
 }
 
 // TestDialInErrors checks that a dial into a pod's netns reports a refusal and a timeout the way
