@@ -16,28 +16,17 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/meshless/meshless/conformance"
-	"github.com/meshless/meshless/conformance/kubeapi"
 )
 
 func TestAdoptRunningPods(t *testing.T) {
 	needRoot(t)
 	ctx := testCtx(t)
-	api, err := kubeapi.Start(ctx, t, kubeapi.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := conformance.NewCluster(t, conformance.ClusterConfig{
-		Bins: binaries(t), NodePrefix: "mlan-", PodPrefix: "mlap-",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	api, c, kubeconfig := kubeCluster(t, ctx, "mlan-", "mlap-")
 	const (
 		nodeName = "adopt-node"
 		ns       = "legacy"
 		marker   = "MESHLESS-ADOPTED-9d41"
 	)
-	kubeconfig := daemonKubeconfig(t, ctx, api, c)
 	// The host's CNI conf dir, empty at first: the chain is not there yet (a fresh install, or a
 	// node that rebooted before the DaemonSet chained the plugin again).
 	confDir := t.TempDir()

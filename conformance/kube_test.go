@@ -28,18 +28,8 @@ const kubeNS = "kshop"
 func TestKubernetesServiceAccounts(t *testing.T) {
 	needRoot(t)
 	ctx := testCtx(t)
-	api, err := kubeapi.Start(ctx, t, kubeapi.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := conformance.NewCluster(t, conformance.ClusterConfig{
-		Bins: binaries(t), NodePrefix: "mlkn-", PodPrefix: "mlkp-",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	api, c, kubeconfig := kubeCluster(t, ctx, "mlkn-", "mlkp-")
 	const nodeName = "kube-node-1"
-	kubeconfig := daemonKubeconfig(t, ctx, api, c)
 	// The harness always passes the (empty) workloads file; the later empty --workloads unsets it,
 	// since it and --kubeconfig exclude each other.
 	node, err := c.AddNode(ctx, conformance.NodeConfig{
@@ -139,6 +129,23 @@ func createAPIPod(t *testing.T, ctx context.Context, api *kubeapi.Server, ns, na
 		t.Fatal(err)
 	}
 	return p
+}
+
+// kubeCluster starts a kube-apiserver and a cluster whose namespaces start with the given
+// prefixes, and returns them with a kubeconfig that has meshlessd's permissions.
+func kubeCluster(t *testing.T, ctx context.Context, nodePrefix, podPrefix string) (*kubeapi.Server, *conformance.Cluster, string) {
+	t.Helper()
+	api, err := kubeapi.Start(ctx, t, kubeapi.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := conformance.NewCluster(t, conformance.ClusterConfig{
+		Bins: binaries(t), NodePrefix: nodePrefix, PodPrefix: podPrefix,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return api, c, daemonKubeconfig(t, ctx, api, c)
 }
 
 // daemonKubeconfig gives meshlessd its user (allowed what install/rbac.yaml allows on pods: read
