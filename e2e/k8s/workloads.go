@@ -16,32 +16,6 @@ const (
 // liveness and readiness probes; frontend is a client to exec into), a ClusterIP Service in front
 // of backend, and a Deployment of two pods that opt out of meshless.
 func workloadsManifest() []byte {
-	server := func(name, sa, annotations, probes string, replicas int) string {
-		return fmt.Sprintf(`apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: %[1]s
-  namespace: %[6]s
-spec:
-  replicas: %[5]d
-  selector:
-    matchLabels: {app: %[1]s}
-  template:
-    metadata:
-      labels: {app: %[1]s}
-      annotations: {%[3]s}
-    spec:
-      serviceAccountName: %[2]s
-      terminationGracePeriodSeconds: 2
-      containers:
-        - name: main
-          image: %[7]s
-          imagePullPolicy: Never
-          command: [%[8]q, server, -listen, ":%[9]d"]
-          ports:
-            - containerPort: %[9]d
-%[4]s`, name, sa, annotations, probes, replicas, appNamespace, workloadImageRef, testapp, appPort)
-	}
 	probes := fmt.Sprintf(`          readinessProbe:
             httpGet: {path: /ready, port: %[1]d}
             periodSeconds: 2
@@ -101,8 +75,8 @@ spec:
           command: [/bin/busybox, sleep, "1000000"]
 ---
 %[3]s`, appNamespace,
-		server("backend", "backend", "", probes, 1),
-		server("plain", "default", `meshless.io/inject: "false"`, "", 2),
+		serverDeployment("backend", "backend", "", probes, 1),
+		serverDeployment("plain", "default", `meshless.io/inject: "false"`, "", 2),
 		workloadImageRef, servicePort, appPort)
 }
 
@@ -120,49 +94,40 @@ metadata:
   name: early
   namespace: %[1]s
 ---
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: early
-  namespace: %[1]s
-spec:
-  replicas: 1
-  selector:
-    matchLabels: {app: early}
-  template:
-    metadata:
-      labels: {app: early}
-    spec:
-      serviceAccountName: early
-      terminationGracePeriodSeconds: 2
-      containers:
-        - name: main
-          image: %[2]s
-          imagePullPolicy: Never
-          command: [%[3]q, server, -listen, ":%[4]d"]
-`, appNamespace, workloadImageRef, testapp, appPort)
+%[2]s`, appNamespace, serverDeployment("early", "early", "", "", 1))
 }
 
 // afterManifest is a Deployment created after meshless is uninstalled.
 func afterManifest() []byte {
-	return fmt.Appendf(nil, `apiVersion: apps/v1
+	return []byte(serverDeployment("after", "default", "", "", 1))
+}
+
+// serverDeployment is a Deployment of replicas pods running meshless-testapp's server on
+// appPort, under service account sa, with the pod annotations and container probes given (YAML,
+// empty for none).
+func serverDeployment(name, sa, annotations, probes string, replicas int) string {
+	return fmt.Sprintf(`apiVersion: apps/v1
 kind: Deployment
 metadata:
-  name: after
-  namespace: %[1]s
+  name: %[1]s
+  namespace: %[6]s
 spec:
-  replicas: 1
+  replicas: %[5]d
   selector:
-    matchLabels: {app: after}
+    matchLabels: {app: %[1]s}
   template:
     metadata:
-      labels: {app: after}
+      labels: {app: %[1]s}
+      annotations: {%[3]s}
     spec:
+      serviceAccountName: %[2]s
       terminationGracePeriodSeconds: 2
       containers:
         - name: main
-          image: %[2]s
+          image: %[7]s
           imagePullPolicy: Never
-          command: [%[3]q, server, -listen, ":%[4]d"]
-`, appNamespace, workloadImageRef, testapp, appPort)
+          command: [%[8]q, server, -listen, ":%[9]d"]
+          ports:
+            - containerPort: %[9]d
+%[4]s`, name, sa, annotations, probes, replicas, appNamespace, workloadImageRef, testapp, appPort)
 }
