@@ -81,15 +81,11 @@ func cmdAdd(args *skel.CmdArgs) error {
 	}
 	if done == nil {
 		b, err := at.backend(e)
-		var cc capture.Config
-		if err == nil {
-			cc, err = podCapture(conf, b, pod.IPs)
+		if err != nil {
+			return withdraw(ctx, client, pod, log, err)
 		}
-		if err == nil {
-			log.Debug("installing capture rules", "backend", cc.Backend, "ips", pod.IPs)
-			_, err = capture.ApplyOnNode(pod.Netns, cc)
-		}
-		done = &installed{netns: pod.Netns, cc: cc, err: err}
+		r := <-at.install(b, log)
+		done = &r
 	}
 	if done.err != nil {
 		return withdraw(ctx, client, pod, log, done.err)
@@ -114,7 +110,8 @@ func (in installed) undo() error {
 	return capture.Remove(in.netns, in.cc)
 }
 
-// install starts installing the pod's capture in backend b, and delivers the outcome.
+// install starts installing the pod's capture in backend b, and delivers the outcome: ADD
+// waits for it either while meshlessd enrolls the pod or after.
 func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan installed {
 	out := make(chan installed, 1)
 	go func() {
@@ -123,7 +120,7 @@ func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan instal
 			out <- installed{netns: at.pod.Netns, err: err}
 			return
 		}
-		log.Debug("installing capture rules while meshlessd enrolls the pod", "backend", cc.Backend, "ips", at.pod.IPs)
+		log.Debug("installing capture rules", "backend", cc.Backend, "ips", at.pod.IPs)
 		fresh, err := capture.ApplyOnNode(at.pod.Netns, cc)
 		out <- installed{netns: at.pod.Netns, cc: cc, fresh: fresh, err: err}
 	}()
