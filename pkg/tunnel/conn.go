@@ -113,7 +113,7 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 		return
 	}
 
-	conn := tls.Client(up, cfg.TLS.Client(t.pod.ID))
+	conn := tls.Client(&batchConn{TCPConn: up}, cfg.TLS.Client(t.pod.ID))
 	err = handshake(conn, cfg.HandshakeTimeout)
 	if err != nil {
 		abort()
@@ -162,7 +162,7 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 	}
 
 	f.mtls = true
-	conn := tls.Server(&prefixConn{TCPConn: client, prefix: seen}, cfg.TLS.Server(t.pod.ID))
+	conn := tls.Server(&prefixConn{batchConn: &batchConn{TCPConn: client}, prefix: seen}, cfg.TLS.Server(t.pod.ID))
 	err = handshake(conn, cfg.HandshakeTimeout)
 	if err != nil {
 		t.refuse(client, f, resultHandshakeFailed, err)

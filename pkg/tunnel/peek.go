@@ -81,7 +81,7 @@ func (r *recordingConn) Write(p []byte) (int, error) { return len(p), nil }
 
 // prefixConn replays the peeked bytes before reading on from the connection.
 type prefixConn struct {
-	*net.TCPConn
+	*batchConn
 	prefix []byte
 }
 
@@ -95,5 +95,5 @@ func (p *prefixConn) Read(b []byte) (int, error) {
 		}
 		return n, nil
 	}
-	return p.TCPConn.Read(b)
+	return p.batchConn.Read(b)
 }

@@ -128,7 +128,7 @@ func TestPeekReplayCompletesHandshake(t *testing.T) {
 	if err != nil || !mesh {
 		t.Fatalf("peek: mesh=%v err=%v", mesh, err)
 	}
-	s := tls.Server(&prefixConn{TCPConn: server, prefix: seen}, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{meshtls.ALPN}})
+	s := tls.Server(&prefixConn{batchConn: &batchConn{TCPConn: server}, prefix: seen}, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{meshtls.ALPN}})
 	if err := s.Handshake(); err != nil {
 		t.Fatalf("server handshake after replay: %v", err)
 	}

@@ -23,11 +23,16 @@ type stream interface {
 // Each direction of a relay reads into a small buffer of its own, which is all that an idle or
 // interactive connection holds, and borrows a large pooled one while data streams. A read of at
 // least a TLS record's plaintext (crypto/tls returns at most one record per Read) counts as
-// streaming; the large buffer holds two, so that a read from the app fills two whole records.
+// streaming. The large buffer holds four records: a read from the app then fills four whole
+// records, sent with one write (see batchConn), and a TLS source whose socket already holds more
+// records reads them all before the relay writes (see readMore). Fewer, larger writes mean fewer
+// packets, and each packet costs at every netfilter hook, bridge and TCP stack it crosses.
 const (
 	smallBufSize = 2 << 10
 	tlsRecordMax = 16 << 10
-	largeBufSize = 2 * tlsRecordMax
+	largeBufSize = 4 * tlsRecordMax
+	// recordOverhead bounds what a record adds to its plaintext on the wire: header and tag.
+	recordOverhead = 5 + 256
 )
 
 var (
@@ -106,6 +111,7 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	tlsDst, batch := batchOf(dst)
 	var large *[]byte
 	fresh := false
 	defer func() {
@@ -123,6 +129,11 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 		if large != nil {
 			buf = large
 			nr, rerr = in.read(*large)
+			if rerr == nil && nr > 0 {
+				var m int
+				m, rerr = in.readMore((*large)[nr:])
+				nr += m
+			}
 			if errors.Is(rerr, errIdle) {
 				largeBufs.Put(large)
 				large = nil
@@ -134,7 +145,11 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 		var werr error
 		if nr > 0 {
 			var nw int
-			nw, werr = dst.Write((*buf)[:nr])
+			if nr > tlsRecordMax && batch != nil {
+				nw, werr = batch.writeBatched(tlsDst, (*buf)[:nr])
+			} else {
+				nw, werr = dst.Write((*buf)[:nr])
+			}
 			written += int64(nw)
 			if werr == nil && nw != nr {
 				werr = io.ErrShortWrite
@@ -164,8 +179,8 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 }
 
 // idleAfter is how long a TLS source may stay silent before its relay gives its buffer back.
-// Reading it costs a read deadline, set at most once per idleAfter.
-const idleAfter = time.Second
+// Reading it costs a read deadline, set at most once per idleAfter. A variable for the tests.
+var idleAfter = time.Second
 
 // errIdle reports that a TLS source stayed silent for idleAfter.
 var errIdle = errors.New("source idle")
@@ -184,11 +199,14 @@ type source struct {
 	armed bool
 	// small is the buffer of a source that can be waited on neither way.
 	small *[]byte
-	// try is tryRead, bound once: a closure per read would be an allocation per read.
+	// try and count are tryRead and countQueued, bound once: a closure per call would be an
+	// allocation per call.
 	try   func(fd uintptr) bool
+	count func(fd uintptr)
 	buf   *[]byte
 	n     int
 	opErr error
+	inq   int
 }
 
 func newSource(r io.Reader) (*source, error) {
@@ -198,10 +216,13 @@ func newSource(r io.Reader) (*source, error) {
 	case *net.TCPConn:
 		sc = c
 	case *tls.Conn:
-		if pc, ok := c.NetConn().(*prefixConn); ok && len(pc.prefix) == 0 {
-			sc, s.tls = pc.TCPConn, c
-		} else if tc, ok := c.NetConn().(*net.TCPConn); ok {
-			sc, s.tls = tc, c
+		switch nc := c.NetConn().(type) {
+		case *prefixConn:
+			if len(nc.prefix) == 0 {
+				sc, s.tls = nc.TCPConn, c
+			}
+		case *batchConn:
+			sc, s.tls = nc.TCPConn, c
 		}
 	}
 	if sc == nil {
@@ -214,7 +235,7 @@ func newSource(r io.Reader) (*source, error) {
 		return nil, err
 	}
 	s.rc = rc
-	s.try = s.tryRead
+	s.try, s.count = s.tryRead, s.countQueued
 	return s, nil
 }
 
@@ -261,6 +282,39 @@ func (s *source) read(buf []byte) (int, error) {
 		return 0, errIdle
 	}
 	return n, err
+}
+
+// readMore reads on into buf while the socket holds at least a whole record, so that a relay
+// writes a burst of records with one send instead of one send per record. With a whole record
+// queued, the next read cannot wait.
+func (s *source) readMore(buf []byte) (int, error) {
+	if s.tls == nil {
+		return 0, nil
+	}
+	n := 0
+	for len(buf)-n >= tlsRecordMax && s.queued() >= tlsRecordMax+recordOverhead {
+		m, err := s.read(buf[n:])
+		n += m
+		if errors.Is(err, errIdle) {
+			// The deadline ran out while the socket had data: not idle, just time to re-arm it.
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// queued is how many bytes the socket holds, not yet read.
+func (s *source) queued() int {
+	s.inq = 0
+	s.rc.Control(s.count)
+	return s.inq
+}
+
+func (s *source) countQueued(fd uintptr) {
+	s.inq, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
 }
 
 func (s *source) release(b *[]byte) {

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"io"
 	"math/big"
+	mrand "math/rand/v2"
 	"net"
 	"sync/atomic"
 	"syscall"
@@ -148,8 +149,17 @@ func TestRelayOverTLSHalfClose(t *testing.T) {
 func startTLSRelay(t testing.TB, wrap func(net.Conn) net.Conn) (client *net.TCPConn, server *tls.Conn, done <-chan error) {
 	client, a := tcpPair(t)
 	rawB, rawS := tcpPair(t)
-	tlsB := tls.Client(rawB, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
+	tlsB := tls.Client(&batchConn{TCPConn: rawB}, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
 	server = tls.Server(wrap(rawS), &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}})
+	// The relay starts on handshaken connections, as in the daemon.
+	serverHandshake := make(chan error, 1)
+	go func() { serverHandshake <- server.Handshake() }()
+	if err := tlsB.Handshake(); err != nil {
+		t.Fatalf("client handshake: %v", err)
+	}
+	if err := <-serverHandshake; err != nil {
+		t.Fatalf("server handshake: %v", err)
+	}
 	out := make(chan error, 1)
 	go func() {
 		_, _, err := relay(a, tlsB, func() { reset(a); reset(rawB) })
@@ -266,13 +276,12 @@ func (w *splitWriter) Write(p []byte) (int, error) {
 // nothing: not across a silence, nor when a record arrives in two halves that far apart.
 func TestRelayTLSSourceIdle(t *testing.T) {
 	var slow *splitWriter
+	defer func(d time.Duration) { idleAfter = d }(idleAfter)
+	idleAfter = 100 * time.Millisecond
 	client, tlsS, done := startTLSRelay(t, func(c net.Conn) net.Conn {
 		slow = &splitWriter{Conn: c}
 		return slow
 	})
-	if err := tlsS.Handshake(); err != nil {
-		t.Fatal(err)
-	}
 	if _, err := tlsS.Write([]byte("first")); err != nil {
 		t.Fatal(err)
 	}
@@ -289,6 +298,41 @@ func TestRelayTLSSourceIdle(t *testing.T) {
 		t.Fatalf("client got %q, %v", got, err)
 	}
 	client.CloseWrite()
+	if err := waitDone(t, done, "relay"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A bulk transfer through the TLS side of a relay comes back byte-exact both ways, across every
+// buffer mode: the app's writes vary in size, and the echo runs while the upload still goes on.
+func TestRelayTLSBulkEcho(t *testing.T) {
+	// Deadlines that run out in the middle of the transfer, as they do in a long one.
+	defer func(d time.Duration) { idleAfter = d }(idleAfter)
+	idleAfter = time.Millisecond
+	client, tlsS, done := startTLSRelay(t, func(c net.Conn) net.Conn { return c })
+	go func() {
+		io.Copy(tlsS, tlsS)
+		tlsS.CloseWrite()
+	}()
+	data := make([]byte, 24<<20)
+	mrand.NewChaCha8([32]byte{1}).Read(data)
+	go func() {
+		for off, size := 0, 1; off < len(data); size = size*7%(200<<10) + 1 {
+			end := min(off+size, len(data))
+			if _, err := client.Write(data[off:end]); err != nil {
+				return
+			}
+			off = end
+		}
+		client.CloseWrite()
+	}()
+	back, err := io.ReadAll(client)
+	if err != nil {
+		t.Fatalf("read the echo: %v (relay: %v)", err, waitDone(t, done, "relay"))
+	}
+	if !bytes.Equal(back, data) {
+		t.Fatalf("echo differs: got %d bytes, sent %d", len(back), len(data))
+	}
 	if err := waitDone(t, done, "relay"); err != nil {
 		t.Fatal(err)
 	}
