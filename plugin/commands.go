@@ -111,17 +111,20 @@ func (in installed) undo() error {
 }
 
 // install starts installing the pod's capture in backend b, and delivers the outcome: ADD
-// waits for it either while meshlessd enrolls the pod or after.
+// waits for it either while meshlessd enrolls the pod or after. It returns once the restore
+// programs run (see capture.StartOnNode), so that the enrollment, which is asked for next,
+// does not slow down their start.
 func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan installed {
 	out := make(chan installed, 1)
+	cc, err := podCapture(at.conf, b, at.pod.IPs)
+	if err != nil {
+		out <- installed{netns: at.pod.Netns, err: err}
+		return out
+	}
+	log.Debug("installing capture rules", "backend", cc.Backend, "ips", at.pod.IPs)
+	in := capture.StartOnNode(at.pod.Netns, cc)
 	go func() {
-		cc, err := podCapture(at.conf, b, at.pod.IPs)
-		if err != nil {
-			out <- installed{netns: at.pod.Netns, err: err}
-			return
-		}
-		log.Debug("installing capture rules", "backend", cc.Backend, "ips", at.pod.IPs)
-		fresh, err := capture.ApplyOnNode(at.pod.Netns, cc)
+		fresh, err := in.Finish()
 		out <- installed{netns: at.pod.Netns, cc: cc, fresh: fresh, err: err}
 	}()
 	return out
@@ -320,7 +323,7 @@ func captureConfig(conf *Config, backend capture.Backend, ips []netip.Addr) (cap
 }
 
 // podCapture is the capture of a pod with the given addresses, less the node's addresses, which
-// capture.ApplyOnNode reads while it starts the restore programs.
+// capture.StartOnNode reads while it starts the restore programs.
 func podCapture(conf *Config, backend capture.Backend, ips []netip.Addr) (capture.Config, error) {
 	cc := capture.Config{
 		Backend:              backend,

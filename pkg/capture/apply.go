@@ -112,22 +112,44 @@ func prepare(c Config) (Config, []familyTools, error) {
 // the CNI calls of one pod). The families are independent and go in side by side, the policy
 // routing while a restore program works: a pod's ADD waits for the slowest, not for the sum.
 func Apply(nsPath string, c Config) error {
-	_, err := apply(nsPath, c, known(c.NodeIPs))
+	_, err := start(nsPath, c, known(c.NodeIPs)).Finish()
 	return err
 }
 
 // ApplyOnNode is Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set to
-// NodeAddrs(c.PodIPs). The node's addresses are read while the restore programs start in the
-// pod's netns, so that a new pod's ADD waits for the slower of the two, not for both. fresh
-// reports whether the netns held no nat and no mangle table in any of the pod's families before
-// the call: then whatever of ours is there is the call's doing, and Remove undoes just that.
+// NodeAddrs(c.PodIPs). fresh reports whether the netns held no nat and no mangle table in any of
+// the pod's families before the call: then whatever of ours is there is the call's doing, and
+// Remove undoes just that.
 func ApplyOnNode(nsPath string, c Config) (fresh bool, err error) {
+	return StartOnNode(nsPath, c).Finish()
+}
+
+// StartOnNode starts ApplyOnNode and returns once the restore programs run in a new pod's netns
+// (in any other netns, once the work has begun); Finish waits for the outcome. Starting a
+// program is most of its cost, and a caller with other work for the pod (the plugin's
+// enrollment) does that work while the programs start, not while they are being started: on a
+// small node both compete for the same cores. The node's addresses are read while the programs
+// start.
+func StartOnNode(nsPath string, c Config) *Installing {
 	addrs := &nodeAddrs{done: make(chan struct{})}
 	go func() {
 		defer close(addrs.done)
 		addrs.ips, addrs.err = NodeAddrs(c.PodIPs)
 	}()
-	return apply(nsPath, c, addrs)
+	return start(nsPath, c, addrs)
+}
+
+// Installing is a capture being installed.
+type Installing struct {
+	done  chan struct{}
+	fresh bool
+	err   error
+}
+
+// Finish waits until the capture is installed, or failed, and reports as ApplyOnNode.
+func (in *Installing) Finish() (fresh bool, err error) {
+	<-in.done
+	return in.fresh, in.err
 }
 
 // nodeAddrs delivers the node's addresses to every family's goroutine once they are read.
@@ -156,10 +178,15 @@ func (n *nodeAddrs) config(c Config) (Config, error) {
 	return c.normalized(), nil
 }
 
-func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
+// start installs the capture in the background and returns once every family has started its
+// restore program, or begun the slower way (see applyFamily), or failed.
+func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
+	in := &Installing{done: make(chan struct{})}
 	c, tools, err := prepare(c)
 	if err != nil {
-		return false, err
+		in.err = err
+		close(in.done)
+		return in
 	}
 	errs := make([]error, len(tools))
 	freshes := make([]bool, len(tools))
@@ -176,7 +203,8 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 		}
 		return nil
 	}
-	var wg sync.WaitGroup
+	var wg, started sync.WaitGroup
+	started.Add(len(tools))
 	// Each goroutine enters the netns on its own thread: programs started from it inherit the
 	// netns, those of another goroutine would not.
 	for i, t := range tools {
@@ -185,19 +213,25 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 			meanwhile = nil
 		}
 		wg.Go(func() {
+			once := sync.OnceFunc(started.Done)
+			defer once() // when the netns cannot be entered
 			errs[i] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
 				var err error
-				freshes[i], err = applyFamily(t, c, addrs, meanwhile)
+				freshes[i], err = applyFamily(t, c, addrs, meanwhile, once)
 				return err
 			})
 		})
 	}
-	wg.Wait()
-	fresh = !slices.Contains(freshes, false)
-	if err := errors.Join(errs...); err != nil {
-		return fresh, fmt.Errorf("install capture in netns %s: %w", nsPath, err)
-	}
-	return fresh, nil
+	go func() {
+		wg.Wait()
+		in.fresh = !slices.Contains(freshes, false)
+		if err := errors.Join(errs...); err != nil {
+			in.err = fmt.Errorf("install capture in netns %s: %w", nsPath, err)
+		}
+		close(in.done)
+	}()
+	started.Wait()
+	return in
 }
 
 // applyFamily writes one family's chains and missing jumps with one iptables-restore. Which
@@ -206,14 +240,15 @@ func apply(nsPath string, c Config, addrs *nodeAddrs) (fresh bool, err error) {
 // iptables about each jump instead costs a program run per question, and each run is
 // milliseconds of a pod's CNI ADD.) In a new pod's netns the restore program starts at once and
 // gets its input when the node's addresses are known: starting a program is most of its cost.
-// meanwhile, unless nil, runs in the netns too, while the program works. fresh reports whether
-// the netns held neither table.
-func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error) (fresh bool, err error) {
+// meanwhile, unless nil, runs in the netns too, while the program works. started is called once
+// the program runs, or the slower way begins. fresh reports whether the netns held neither table.
+func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error, started func()) (fresh bool, err error) {
 	if meanwhile == nil {
 		meanwhile = func() error { return nil }
 	}
 	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
 		r, err := t.startRestore()
+		started()
 		if err != nil {
 			return true, err
 		}
@@ -228,6 +263,7 @@ func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() err
 		merr := meanwhile()
 		return true, errors.Join(r.wait(ferr), merr)
 	}
+	started()
 	if err := meanwhile(); err != nil {
 		return false, err
 	}
