@@ -14,6 +14,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/meshless/meshless/conformance"
 )
@@ -44,17 +45,22 @@ func TestAdoptRunningPods(t *testing.T) {
 	// running marks the pod running with its IPs, as the kubelet reports it.
 	running := func(created *corev1.Pod, ips []netip.Addr) {
 		t.Helper()
-		// The latest version: the daemon may have annotated the pod since it was created.
-		p, err := api.Client.CoreV1().Pods(ns).Get(ctx, created.Name, metav1.GetOptions{})
+		// On the latest version, again if the daemon annotates the pod (its status report runs
+		// in the background, after the enrollment) between the read and the update.
+		err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+			p, err := api.Client.CoreV1().Pods(ns).Get(ctx, created.Name, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			p.Status.Phase = corev1.PodRunning
+			for _, ip := range ips {
+				p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: ip.String()})
+			}
+			p.Status.PodIP = p.Status.PodIPs[0].IP
+			_, err = api.Client.CoreV1().Pods(ns).UpdateStatus(ctx, p, metav1.UpdateOptions{})
+			return err
+		})
 		if err != nil {
-			t.Fatal(err)
-		}
-		p.Status.Phase = corev1.PodRunning
-		for _, ip := range ips {
-			p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: ip.String()})
-		}
-		p.Status.PodIP = p.Status.PodIPs[0].IP
-		if _, err := api.Client.CoreV1().Pods(ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
