@@ -97,10 +97,20 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 		return
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.DialTimeout)
-	up, err := t.dial(ctx, netip.Addr{}, dst)
-	cancel()
-	if err != nil {
+	// The dial and the handshake share one goroutine of their own (see onOwnStack and dialIn).
+	var (
+		up   *net.TCPConn
+		conn *tls.Conn
+		err  error
+	)
+	onOwnStack(func() {
+		if up, err = t.dialContext(netip.Addr{}, dst, true); err != nil || !f.mtls {
+			return
+		}
+		conn = tls.Client(&batchConn{TCPConn: up}, cfg.TLS.Client(t.pod.ID))
+		err = handshake(conn, cfg.HandshakeTimeout)
+	})
+	if up == nil {
 		t.refuse(app, f, resultDialFailed, err)
 		return
 	}
@@ -112,9 +122,6 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 		t.finish(f, relayResult(err), err)
 		return
 	}
-
-	conn := tls.Client(&batchConn{TCPConn: up}, cfg.TLS.Client(t.pod.ID))
-	err = handshake(conn, cfg.HandshakeTimeout)
 	if err != nil {
 		abort()
 		t.finish(f, resultHandshakeFailed, err)
@@ -134,59 +141,70 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 		return
 	}
 	cfg := &t.proxy.cfg
+	// The peek, the handshake and the dial to the app share one goroutine of their own (see
+	// onOwnStack and dialIn).
 	var (
-		mesh bool
-		seen []byte
-		err  error
+		// result is set when the connection ends before the relay.
+		result string
+		mesh   bool
+		seen   []byte
+		conn   *tls.Conn
+		app    *net.TCPConn
+		err    error
 	)
-	onOwnStack(func() { mesh, seen, err = peekHello(client, cfg.PeekTimeout) })
-	switch {
-	case errors.Is(err, io.EOF):
+	onOwnStack(func() {
+		mesh, seen, err = peekHello(client, cfg.PeekTimeout)
+		switch {
+		case errors.Is(err, io.EOF):
+			// Closed without a byte: nothing to carry.
+			result, err = resultOK, nil
+			return
+		case err != nil && !(errors.Is(err, os.ErrDeadlineExceeded) && cfg.Mode == Permissive):
+			// A silent client may be waiting for a server-speaks-first protocol;
+			// only permissive mode lets such plaintext through.
+			result = resultRefused
+			return
+		case !mesh && cfg.Mode == Strict:
+			result, err = resultRefused, errors.New("plaintext or non-meshless TLS in strict mode")
+			return
+		case mesh:
+			conn = tls.Server(&prefixConn{batchConn: &batchConn{TCPConn: client}, prefix: seen}, cfg.TLS.Server(t.pod.ID))
+			seen = nil
+			if err = handshake(conn, cfg.HandshakeTimeout); err != nil {
+				result = resultHandshakeFailed
+				return
+			}
+		}
+		if app, err = t.dialContext(f.src.Addr(), f.dst, false); err != nil {
+			result = resultDialFailed
+			if isRefused(err) {
+				result = resultReset
+			}
+		}
+	})
+	f.mtls = mesh
+	switch result {
+	case "":
+	case resultOK:
 		client.Close()
 		t.finish(f, resultOK, nil)
 		return
-	case err != nil && !(errors.Is(err, os.ErrDeadlineExceeded) && cfg.Mode == Permissive):
-		// A silent client may be waiting for a server-speaks-first protocol;
-		// only permissive mode lets such plaintext through.
-		t.refuse(client, f, resultRefused, err)
+	default:
+		t.refuse(client, f, result, err)
 		return
 	}
-
-	if !mesh {
-		if cfg.Mode == Strict {
-			t.refuse(client, f, resultRefused, errors.New("plaintext or non-meshless TLS in strict mode"))
-			return
-		}
-		t.toApp(f, client, client, seen)
-		return
+	var from stream = client
+	if mesh {
+		f.handshake(conn.ConnectionState())
+		from = conn
 	}
-
-	f.mtls = true
-	conn := tls.Server(&prefixConn{batchConn: &batchConn{TCPConn: client}, prefix: seen}, cfg.TLS.Server(t.pod.ID))
-	err = handshake(conn, cfg.HandshakeTimeout)
-	if err != nil {
-		t.refuse(client, f, resultHandshakeFailed, err)
-		return
-	}
-	f.handshake(conn.ConnectionState())
-	t.toApp(f, client, conn, nil)
+	t.toApp(f, client, from, app, seen)
 }
 
-// toApp connects to the app on the original port from the client's own
-// address (so the app sees the real peer) and relays.
-func (t *PodTunnel) toApp(f *flow, raw *net.TCPConn, client stream, pending []byte) {
-	cfg := &t.proxy.cfg
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.DialTimeout)
-	app, err := t.dial(ctx, f.src.Addr(), f.dst)
-	cancel()
-	if err != nil {
-		result := resultDialFailed
-		if isRefused(err) {
-			result = resultReset
-		}
-		t.refuse(raw, f, result, err)
-		return
-	}
+// toApp relays between the client and the app, to which app is connected on the original port
+// from the client's own address (so the app sees the real peer); pending are bytes that the
+// client sent already.
+func (t *PodTunnel) toApp(f *flow, raw *net.TCPConn, client stream, app *net.TCPConn, pending []byte) {
 	defer t.untrack(app)
 	abort := func() { reset(raw); reset(app) }
 	if len(pending) > 0 {
@@ -196,9 +214,17 @@ func (t *PodTunnel) toApp(f *flow, raw *net.TCPConn, client stream, pending []by
 			return
 		}
 	}
+	var err error
 	f.up, f.down, err = relay(client, app, abort)
 	f.up += int64(len(pending))
 	t.finish(f, relayResult(err), err)
+}
+
+// dialContext dials from the pod's netns within the dial timeout (see dial).
+func (t *PodTunnel) dialContext(local netip.Addr, dst netip.AddrPort, remote bool) (*net.TCPConn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), t.proxy.cfg.DialTimeout)
+	defer cancel()
+	return t.dial(ctx, local, dst, remote)
 }
 
 // begin opens the record of an accepted connection and finds where it was
@@ -240,14 +266,12 @@ func addrPort(a net.Addr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// handshake runs the TLS handshake of c within timeout, on a stack of its own (see onOwnStack).
-func handshake(c *tls.Conn, timeout time.Duration) (err error) {
-	onOwnStack(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		defer cancel()
-		err = c.HandshakeContext(ctx)
-	})
-	return err
+// handshake runs the TLS handshake of c within timeout. It needs a deep stack: callers run it on
+// one of its own (see onOwnStack).
+func handshake(c *tls.Conn, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return c.HandshakeContext(ctx)
 }
 
 // onOwnStack runs f on a goroutine of its own and waits for it. Parsing a ClientHello and running

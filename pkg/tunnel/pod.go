@@ -110,10 +110,10 @@ func (t *PodTunnel) listen() error {
 	if hasIPv6(t.pod.IPs) {
 		families = append(families, "tcp6")
 	}
-	lc := net.ListenConfig{Control: markSocket}
 	for _, network := range families {
 		for _, port := range []int{capture.OutboundPort, capture.InboundPort} {
 			addr := net.JoinHostPort(wildcard(network), strconv.Itoa(port))
+			lc := listenConfig(port == capture.InboundPort)
 			var ln net.Listener
 			err := t.netns.Do(func(ns.NetNS) error {
 				var err error
@@ -197,9 +197,10 @@ func (t *PodTunnel) serve(ln net.Listener, handle func(*net.TCPConn)) {
 	}
 }
 
-// dial connects from inside the pod's netns, from local if valid (see hostNetns.dialIn).
-func (t *PodTunnel) dial(ctx context.Context, local netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	tc, err := t.proxy.host.dialIn(ctx, int(t.netns.Fd()), local, dst)
+// dial connects from inside the pod's netns, from local if valid, with keep-alive probes if
+// remote (see hostNetns.dialIn, also for the goroutine it must run on).
+func (t *PodTunnel) dial(ctx context.Context, local netip.Addr, dst netip.AddrPort, remote bool) (*net.TCPConn, error) {
+	tc, err := t.proxy.host.dialIn(ctx, int(t.netns.Fd()), local, dst, remote)
 	if err != nil {
 		return nil, err
 	}

@@ -15,12 +15,15 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sys/unix"
 
 	"github.com/meshless/meshless/internal/benchcpu"
 	"github.com/meshless/meshless/internal/logtest"
@@ -148,7 +151,11 @@ func newTestPod(t testing.TB) *testPod {
 	if _, err := rand.Read(suffix); err != nil {
 		t.Fatal(err)
 	}
-	name := "mlpf-" + hex.EncodeToString(suffix)
+	prefix := "mlpf-"
+	if p := os.Getenv("MESHLESS_TEST_NETNS_PREFIX"); p != "" {
+		prefix = p
+	}
+	name := prefix + hex.EncodeToString(suffix)
 	run(t, "ip", "netns", "add", name)
 	t.Cleanup(func() {
 		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
@@ -422,7 +429,7 @@ func TestDialInErrors(t *testing.T) {
 	podNS := int(p.client.netns.Fd())
 
 	// Inbound connections to a pod are captured, except those to its own address from itself.
-	_, err := host.dialIn(context.Background(), int(p.server.netns.Fd()), netip.Addr{}, netip.AddrPortFrom(pairServerIP, 9))
+	_, err := host.dialIn(context.Background(), int(p.server.netns.Fd()), netip.Addr{}, netip.AddrPortFrom(pairServerIP, 9), true)
 	if !isRefused(err) {
 		t.Errorf("dial to a closed port: %v, want connection refused", err)
 	}
@@ -430,7 +437,7 @@ func TestDialInErrors(t *testing.T) {
 	// Nobody answers ARP for this address of the pods' subnet.
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	_, err = host.dialIn(ctx, podNS, netip.Addr{}, netip.MustParseAddrPort("10.98.0.99:80"))
+	_, err = host.dialIn(ctx, podNS, netip.Addr{}, netip.MustParseAddrPort("10.98.0.99:80"), true)
 	var ne net.Error
 	if !errors.As(err, &ne) || !ne.Timeout() {
 		t.Errorf("dial to a silent address: %v, want a timeout", err)
@@ -438,10 +445,80 @@ func TestDialInErrors(t *testing.T) {
 
 	ctx, cancel = context.WithCancel(context.Background())
 	time.AfterFunc(50*time.Millisecond, cancel)
-	_, err = host.dialIn(ctx, podNS, netip.Addr{}, netip.MustParseAddrPort("10.98.0.99:80"))
+	_, err = host.dialIn(ctx, podNS, netip.Addr{}, netip.MustParseAddrPort("10.98.0.99:80"), true)
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled dial: %v, want context.Canceled", err)
 	}
+}
+
+// TestDialInSocket checks what a dial into a pod's netns makes: a socket of the pod's netns with
+// the daemon's mark, keep-alive probes only for a remote destination, and the dialling thread
+// back in the daemon's netns afterwards.
+func TestDialInSocket(t *testing.T) {
+	p := newPodPair(t)
+	host := p.proxy.host
+	// A pod's connections to its own address are not captured.
+	dst := netip.AddrPortFrom(pairServerIP, pairServerPort)
+	for _, remote := range []bool{true, false} {
+		c, err := host.dialIn(context.Background(), int(p.server.netns.Fd()), netip.Addr{}, dst, remote)
+		if err != nil {
+			t.Fatalf("remote %v: %v", remote, err)
+		}
+		if got := addrPort(c.LocalAddr()).Addr(); got != pairServerIP {
+			t.Errorf("remote %v: local address %v, want the pod's %v", remote, got, pairServerIP)
+		}
+		if got := addrPort(c.RemoteAddr()); got != dst {
+			t.Errorf("remote %v: remote address %v, want %v", remote, got, dst)
+		}
+		want := map[string][3]int{
+			"SO_MARK":      {unix.SOL_SOCKET, unix.SO_MARK, capture.SocketMark},
+			"TCP_NODELAY":  {unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+			"SO_KEEPALIVE": {unix.SOL_SOCKET, unix.SO_KEEPALIVE, 0},
+		}
+		if remote {
+			want["SO_KEEPALIVE"] = [3]int{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1}
+			want["TCP_KEEPIDLE"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15}
+		}
+		checkSockopts(t, c, want)
+		c.Close()
+	}
+
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if thread, daemon := netnsInode(t, "/proc/thread-self/ns/net"), netnsInode(t, "/proc/self/fd/"+strconv.Itoa(host.fd)); thread != daemon {
+		t.Errorf("the dialling thread is in netns %d, want the daemon's %d", thread, daemon)
+	}
+}
+
+// checkSockopts checks integer socket options of c: name to level, option, value.
+func checkSockopts(t *testing.T, c syscall.Conn, want map[string][3]int) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, w := range want {
+		var got int
+		err := control(rc, func(fd int) error {
+			var err error
+			got, err = unix.GetsockoptInt(fd, w[0], w[1])
+			return err
+		})
+		if err != nil {
+			t.Errorf("getsockopt %s: %v", name, err)
+		} else if got != w[2] {
+			t.Errorf("%s = %d, want %d", name, got, w[2])
+		}
+	}
+}
+
+func netnsInode(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
 }
 
 // BenchmarkPodsOpenConnection keeps b.N connections open and idle after one small exchange each,

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -71,4 +73,40 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("original destination: %w", err)
 	}
 	return dst, nil
+}
+
+// listenConfig returns how a capture listener is opened. Its sockets carry the daemon's mark. The
+// connections accepted on the inbound port come from other pods: the listener gets the keep-alive
+// settings of remoteKeepAlive, which Linux copies to every connection it accepts, instead of
+// each accepted connection getting them with four more system calls. The outbound port's
+// connections come from the pod's own app and need none.
+func listenConfig(inbound bool) net.ListenConfig {
+	lc := net.ListenConfig{Control: markSocket, KeepAlive: -1}
+	if inbound {
+		lc.Control = func(network, address string, rc syscall.RawConn) error {
+			if err := markSocket(network, address, rc); err != nil {
+				return err
+			}
+			return control(rc, func(fd int) error { return setKeepAlive(fd, remoteKeepAlive) })
+		}
+	}
+	return lc
+}
+
+// setKeepAlive turns on keep-alive probes on fd, as ka says.
+func setKeepAlive(fd int, ka net.KeepAliveConfig) error {
+	for _, o := range []struct {
+		level, name, value int
+		what               string
+	}{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1, "SO_KEEPALIVE"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, int(ka.Idle / time.Second), "TCP_KEEPIDLE"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, int(ka.Interval / time.Second), "TCP_KEEPINTVL"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, ka.Count, "TCP_KEEPCNT"},
+	} {
+		if err := unix.SetsockoptInt(fd, o.level, o.name, o.value); err != nil {
+			return os.NewSyscallError("setsockopt "+o.what, err)
+		}
+	}
+	return nil
 }
