@@ -87,6 +87,14 @@ func NewConfigs(src Source, authorize tlsconfig.Authorizer, opts ...Option) *Con
 	return c
 }
 
+// ClientHelloChecker is implemented by a connection that must see the ClientHello before a server
+// config of Configs answers it: the handshake goes on only if CheckClientHello returns nil. The
+// data path tells meshless mTLS from other traffic on one port this way, with the one parse of the
+// ClientHello that the handshake makes anyway.
+type ClientHelloChecker interface {
+	CheckClientHello(*tls.ClientHelloInfo) error
+}
+
 // Client returns the config with which a pod of identity id connects to another: it presents id's
 // current SVID, requires ALPN meshless/1 and a verified, authorized server. Its session cache
 // belongs to id alone, so a pod can never resume another identity's session.
@@ -109,6 +117,7 @@ func (c *Configs) Client(id spiffeid.ID) *tls.Config {
 
 // Server returns the config with which a pod of identity id accepts connections: it presents id's
 // current SVID, requires ALPN meshless/1 and a client certificate that verifies and is authorized.
+// A connection that is a ClientHelloChecker is shown the ClientHello first.
 // Each config is built from scratch so that it gets its own session ticket keys: a ticket issued
 // for one identity cannot be resumed with another.
 func (c *Configs) Server(id spiffeid.ID) *tls.Config {
@@ -123,6 +132,13 @@ func (c *Configs) Server(id spiffeid.ID) *tls.Config {
 	}
 	// Any certificate is asked for here; VerifyConnection checks it against the bundle.
 	cfg.ClientAuth = tls.RequireAnyClientCert
+	// No other config is returned: the session ticket keys stay this config's.
+	cfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		if c, ok := hello.Conn.(ClientHelloChecker); ok {
+			return nil, c.CheckClientHello(hello)
+		}
+		return nil, nil
+	}
 	c.servers[id] = cfg
 	return cfg
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -353,6 +354,65 @@ func TestResumedAtExpiry(t *testing.T) {
 		}
 		if !tc.ok && (err == nil || !strings.Contains(err.Error(), "is after")) {
 			t.Errorf("%s: error %v, want expired", tc.name, err)
+		}
+	}
+}
+
+// checkingConn is a connection that checks the ClientHello that a server config sees.
+type checkingConn struct {
+	net.Conn
+	seen  []string
+	check error
+}
+
+func (c *checkingConn) CheckClientHello(hello *tls.ClientHelloInfo) error {
+	c.seen = hello.SupportedProtos
+	return c.check
+}
+
+// A server connection that is a ClientHelloChecker sees the ClientHello, and its refusal ends the
+// handshake; accepted, the handshake completes as usual.
+func TestServerClientHelloChecker(t *testing.T) {
+	a, b := mustID(t, testTD, "demo", "a"), mustID(t, testTD, "demo", "b")
+	configs := NewConfigs(newTestSource(t, a, b), nil)
+	for _, refuse := range []bool{false, true} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		checked := make(chan *checkingConn, 1)
+		serverErr := make(chan error, 1)
+		go func() {
+			conn, err := ln.Accept()
+			if err != nil {
+				serverErr <- err
+				return
+			}
+			defer conn.Close()
+			cc := &checkingConn{Conn: conn}
+			if refuse {
+				cc.check = errors.New("refused by the connection")
+			}
+			err = tls.Server(cc, configs.Server(b)).Handshake()
+			checked <- cc
+			serverErr <- err
+		}()
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		clientErr := tls.Client(conn, configs.Client(a)).Handshake()
+		cc := <-checked
+		if err := <-serverErr; (err != nil) != refuse {
+			t.Errorf("refuse %v: server handshake: %v", refuse, err)
+		}
+		if (clientErr != nil) != refuse {
+			t.Errorf("refuse %v: client handshake: %v", refuse, clientErr)
+		}
+		if !slices.Equal(cc.seen, []string{ALPN}) {
+			t.Errorf("refuse %v: the connection saw ALPN %q, want [%s]", refuse, cc.seen, ALPN)
 		}
 	}
 }

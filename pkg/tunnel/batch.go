@@ -60,8 +60,13 @@ func batchOf(w any) (*tls.Conn, *batchConn) {
 	switch nc := c.NetConn().(type) {
 	case *batchConn:
 		return c, nc
-	case *prefixConn:
-		return c, nc.batchConn
+	case *helloConn:
+		if b, ok := nc.Conn.(*batchConn); ok && !nc.probing {
+			return c, b
+		}
 	}
 	return nil, nil
 }
+
+// tcpConn returns the TCP connection under c, for waiting on its socket.
+func (c *batchConn) tcpConn() (*net.TCPConn, bool) { return c.TCPConn, true }

@@ -141,8 +141,8 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 		return
 	}
 	cfg := &t.proxy.cfg
-	// The peek, the handshake and the dial to the app share one goroutine of their own (see
-	// onOwnStack and dialIn).
+	// The handshake, which tells meshless mTLS from the rest, and the dial to the app share one
+	// goroutine of their own (see onOwnStack and dialIn).
 	var (
 		// result is set when the connection ends before the relay.
 		result string
@@ -153,8 +153,12 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 		err    error
 	)
 	onOwnStack(func() {
-		mesh, seen, err = peekHello(client, cfg.PeekTimeout)
+		conn, mesh, seen, err = serverHandshake(&batchConn{TCPConn: client}, cfg.TLS.Server(t.pod.ID), cfg.PeekTimeout, cfg.HandshakeTimeout)
 		switch {
+		case mesh && err != nil:
+			result = resultHandshakeFailed
+			return
+		case mesh:
 		case errors.Is(err, io.EOF):
 			// Closed without a byte: nothing to carry.
 			result, err = resultOK, nil
@@ -164,16 +168,9 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 			// only permissive mode lets such plaintext through.
 			result = resultRefused
 			return
-		case !mesh && cfg.Mode == Strict:
+		case cfg.Mode == Strict:
 			result, err = resultRefused, errors.New("plaintext or non-meshless TLS in strict mode")
 			return
-		case mesh:
-			conn = tls.Server(&prefixConn{batchConn: &batchConn{TCPConn: client}, prefix: seen}, cfg.TLS.Server(t.pod.ID))
-			seen = nil
-			if err = handshake(conn, cfg.HandshakeTimeout); err != nil {
-				result = resultHandshakeFailed
-				return
-			}
 		}
 		if app, err = t.dialContext(f.src.Addr(), f.dst, false); err != nil {
 			result = resultDialFailed

@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"bytes"
 	"crypto/tls"
 	"errors"
 	"io"
@@ -17,83 +16,96 @@ import (
 // share is under 2 KiB; TLS caps a handshake message at 64 KiB.
 const maxPeek = 64 << 10
 
-var errHelloSeen = errors.New("client hello seen")
+var errNotMesh = errors.New("client hello does not offer meshless's ALPN")
 
-// peekHello reads the start of an inbound connection and reports whether it is
-// a TLS ClientHello offering meshless's ALPN. It returns every byte it read so
-// that the caller can replay them to the TLS server or to the app. Parsing is
-// left to crypto/tls: a server handshake on a recording, write-discarding view
-// of the connection is stopped as soon as the ClientHello has been parsed.
-func peekHello(c net.Conn, timeout time.Duration) (mesh bool, seen []byte, err error) {
-	if err := c.SetReadDeadline(time.Now().Add(timeout)); err != nil {
-		return false, nil, err
+// serverHandshake runs the TLS server handshake of an inbound connection with cfg, a config of
+// meshtls.Configs.Server, before it is known whether the connection is meshless mTLS at all: the
+// server reads the client's first bytes through a helloConn, which records them and answers
+// nothing until crypto/tls has parsed a ClientHello offering meshless's ALPN. The ClientHello is
+// parsed once, by the handshake that goes on with it.
+//
+// A meshless ClientHello (mesh) has the handshake's outcome in conn and err; its first bytes must
+// arrive within peekTimeout, the whole handshake within timeout. Anything else returns the bytes
+// read, for the app or for a refusal, and an error only if none came: the client closed, reset,
+// or is waiting for the server to speak first (os.ErrDeadlineExceeded after peekTimeout).
+func serverHandshake(c net.Conn, cfg *tls.Config, peekTimeout, timeout time.Duration) (conn *tls.Conn, mesh bool, seen []byte, err error) {
+	if err := c.SetReadDeadline(time.Now().Add(peekTimeout)); err != nil {
+		return nil, false, nil, err
 	}
-	rec := &recordingConn{Conn: c}
-	var hello *tls.ClientHelloInfo
-	// The handshake always fails: we stop it once the hello is parsed, and
-	// anything else is not a ClientHello. Only what was read matters.
-	_ = tls.Server(rec, &tls.Config{
-		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
-			hello = h
-			return nil, errHelloSeen
-		},
-	}).Handshake()
+	hc := &helloConn{Conn: c, probing: true}
+	conn = tls.Server(hc, cfg)
+	err = handshake(conn, timeout)
+	if hc.mesh {
+		return conn, true, nil, err
+	}
 	if err := c.SetReadDeadline(time.Time{}); err != nil {
-		return false, nil, err
+		return nil, false, nil, err
 	}
-	seen = rec.buf.Bytes()
 	switch {
-	case hello != nil:
-		return slices.Contains(hello.SupportedProtos, meshtls.ALPN), seen, nil
-	case len(seen) > 0:
-		return false, seen, nil
-	case rec.readErr != nil:
-		// Nothing arrived: the client closed, reset, or is waiting for the
-		// server to speak first (the caller tells these apart).
-		return false, nil, rec.readErr
+	case len(hc.rec) > 0:
+		return nil, false, hc.rec, nil
+	case hc.readErr != nil:
+		return nil, false, nil, hc.readErr
 	}
-	return false, nil, io.ErrUnexpectedEOF
+	return nil, false, nil, io.ErrUnexpectedEOF
 }
 
-// recordingConn keeps every byte read through it and swallows writes, so the
-// probing handshake above never answers the client.
-type recordingConn struct {
+// helloConn is an inbound connection as its TLS server sees it. While probing, it keeps every
+// byte read and swallows writes (a failing handshake's alert included), so that a connection that
+// turns out not to be meshless mTLS can be replayed to the app untouched; a ClientHello offering
+// meshless's ALPN ends the probing, and the connection is the plain one from then on.
+type helloConn struct {
 	net.Conn
-	buf     bytes.Buffer
+	probing bool
+	// mesh tells that a ClientHello offering meshless's ALPN was seen.
+	mesh    bool
+	rec     []byte
 	readErr error
 }
 
-func (r *recordingConn) Read(p []byte) (int, error) {
-	if room := maxPeek - r.buf.Len(); room <= 0 {
+func (h *helloConn) Read(p []byte) (int, error) {
+	if !h.probing {
+		return h.Conn.Read(p)
+	}
+	if room := maxPeek - len(h.rec); room <= 0 {
 		return 0, errors.New("client hello larger than 64 KiB")
 	} else if len(p) > room {
 		p = p[:room]
 	}
-	n, err := r.Conn.Read(p)
-	r.buf.Write(p[:n])
+	n, err := h.Conn.Read(p)
+	h.rec = append(h.rec, p[:n]...)
 	if err != nil {
-		r.readErr = err
+		h.readErr = err
 	}
 	return n, err
 }
 
-func (r *recordingConn) Write(p []byte) (int, error) { return len(p), nil }
-
-// prefixConn replays the peeked bytes before reading on from the connection.
-type prefixConn struct {
-	*batchConn
-	prefix []byte
+func (h *helloConn) Write(p []byte) (int, error) {
+	if h.probing {
+		return len(p), nil
+	}
+	return h.Conn.Write(p)
 }
 
-func (p *prefixConn) Read(b []byte) (int, error) {
-	if len(p.prefix) > 0 {
-		n := copy(b, p.prefix)
-		p.prefix = p.prefix[n:]
-		if len(p.prefix) == 0 {
-			// Let the peek buffer go: the connection may stay open for days.
-			p.prefix = nil
-		}
-		return n, nil
+// CheckClientHello implements meshtls.ClientHelloChecker: crypto/tls calls it with the parsed
+// ClientHello, before it answers anything.
+func (h *helloConn) CheckClientHello(hello *tls.ClientHelloInfo) error {
+	if !slices.Contains(hello.SupportedProtos, meshtls.ALPN) {
+		return errNotMesh
 	}
-	return p.batchConn.Read(b)
+	h.mesh, h.probing, h.rec = true, false, nil
+	// The handshake's own timeout applies from here on.
+	return h.Conn.SetReadDeadline(time.Time{})
+}
+
+// tcpConn returns the TCP connection under c, for waiting on its socket.
+func (h *helloConn) tcpConn() (*net.TCPConn, bool) {
+	if h.probing {
+		return nil, false
+	}
+	bc, ok := h.Conn.(*batchConn)
+	if !ok {
+		return nil, false
+	}
+	return bc.TCPConn, true
 }

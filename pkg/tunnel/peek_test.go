@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	meshtls "github.com/meshless/meshless/pkg/tls"
 )
 
@@ -50,7 +52,32 @@ func sendHello(t *testing.T, c net.Conn, protos []string) {
 	}()
 }
 
-func TestPeekHello(t *testing.T) {
+// meshConfigs returns the client config of one identity and the server config of another, from
+// one built-in CA, as the daemon builds them.
+func meshConfigs(t testing.TB) (client, server *tls.Config) {
+	t.Helper()
+	caDir := t.TempDir()
+	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	ca, err := meshtls.LoadCA(caDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	src := meshtls.NewCASource(ca, td, time.Hour, nil)
+	a, b := spiffeid.RequireFromPath(td, "/ns/test/sa/a"), spiffeid.RequireFromPath(td, "/ns/test/sa/b")
+	for _, id := range []spiffeid.ID{a, b} {
+		if err := src.Acquire(meshtls.Workload{ID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	configs := meshtls.NewConfigs(src, nil)
+	return configs.Client(a), configs.Server(b)
+}
+
+func TestServerHandshakeClassifies(t *testing.T) {
+	_, serverCfg := meshConfigs(t)
 	cases := []struct {
 		name     string
 		send     func(t *testing.T, c *net.TCPConn)
@@ -59,6 +86,7 @@ func TestPeekHello(t *testing.T) {
 		wantSeen []byte
 	}{
 		{
+			// The handshake itself fails: this client has no certificate.
 			name:     "meshless ALPN",
 			send:     func(t *testing.T, c *net.TCPConn) { sendHello(t, c, []string{"h2", meshtls.ALPN}) },
 			wantMesh: true,
@@ -92,12 +120,18 @@ func TestPeekHello(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			client, server := tcpPair(t)
 			tc.send(t, client)
-			mesh, seen, err := peekHello(server, 300*time.Millisecond)
+			conn, mesh, seen, err := serverHandshake(server, serverCfg, 300*time.Millisecond, time.Second)
+			if mesh != tc.wantMesh {
+				t.Fatalf("mesh = %v, want %v", mesh, tc.wantMesh)
+			}
+			if mesh {
+				if err == nil || conn == nil {
+					t.Fatalf("handshake with a client without a certificate: conn %v, err %v; want a failed handshake", conn, err)
+				}
+				return
+			}
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("err = %v, want %v", err, tc.wantErr)
-			}
-			if mesh != tc.wantMesh {
-				t.Errorf("mesh = %v, want %v", mesh, tc.wantMesh)
 			}
 			if tc.wantSeen != nil && !bytes.Equal(seen, tc.wantSeen) {
 				t.Errorf("seen = %q, want %q", seen, tc.wantSeen)
@@ -105,18 +139,26 @@ func TestPeekHello(t *testing.T) {
 			if tc.wantErr == nil && len(seen) == 0 {
 				t.Error("no bytes recorded for replay")
 			}
+			if tc.wantErr == nil {
+				// Nothing was answered: the client still waits for a server hello or a response.
+				client.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+				if n, err := client.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+					t.Errorf("the client got %d bytes, %v; want nothing", n, err)
+				}
+			}
 		})
 	}
 }
 
-// The bytes the peek consumed must replay into a real handshake: a TLS
-// server given the prefix completes the handshake the client started.
-func TestPeekReplayCompletesHandshake(t *testing.T) {
+// A TLS client that is not meshless gets its ClientHello replayed to the app untouched: the app's
+// own TLS server completes the handshake that the client started.
+func TestServerHandshakeReplaysForeignTLS(t *testing.T) {
+	_, serverCfg := meshConfigs(t)
 	client, server := tcpPair(t)
 	cert := selfSigned(t)
 	done := make(chan error, 1)
 	go func() {
-		c := tls.Client(client, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{meshtls.ALPN}, MinVersion: tls.VersionTLS13})
+		c := tls.Client(client, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13})
 		if err := c.Handshake(); err != nil {
 			done <- err
 			return
@@ -124,16 +166,16 @@ func TestPeekReplayCompletesHandshake(t *testing.T) {
 		_, err := c.Write([]byte("hello"))
 		done <- err
 	}()
-	mesh, seen, err := peekHello(server, time.Second)
-	if err != nil || !mesh {
-		t.Fatalf("peek: mesh=%v err=%v", mesh, err)
+	_, mesh, seen, err := serverHandshake(server, serverCfg, time.Second, time.Second)
+	if err != nil || mesh {
+		t.Fatalf("mesh=%v err=%v", mesh, err)
 	}
-	s := tls.Server(&prefixConn{batchConn: &batchConn{TCPConn: server}, prefix: seen}, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{meshtls.ALPN}})
-	if err := s.Handshake(); err != nil {
-		t.Fatalf("server handshake after replay: %v", err)
+	app := tls.Server(&replayConn{TCPConn: server, prefix: seen}, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2"}})
+	if err := app.Handshake(); err != nil {
+		t.Fatalf("app's handshake after replay: %v", err)
 	}
 	buf := make([]byte, 5)
-	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "hello" {
+	if _, err := io.ReadFull(app, buf); err != nil || string(buf) != "hello" {
 		t.Fatalf("read %q, %v", buf, err)
 	}
 	if err := <-done; err != nil {
@@ -141,17 +183,68 @@ func TestPeekReplayCompletesHandshake(t *testing.T) {
 	}
 }
 
-func TestPeekBoundsBuffering(t *testing.T) {
+// A meshless client completes its handshake, resumed or not, and its bytes come through.
+func TestServerHandshakeMesh(t *testing.T) {
+	clientCfg, serverCfg := meshConfigs(t)
+	// The client's sessions are keyed by the server's address: one listener for both.
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for _, wantResumed := range []bool{false, true} {
+		client, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer client.Close()
+		server, err := ln.AcceptTCP()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer server.Close()
+		done := make(chan error, 1)
+		go func() {
+			c := tls.Client(client, clientCfg)
+			_, err := c.Write([]byte("hello"))
+			if err == nil {
+				// Reading the server's ticket lets the next handshake resume.
+				_, err = io.ReadFull(c, make([]byte, 1))
+			}
+			done <- err
+		}()
+		conn, mesh, _, err := serverHandshake(server, serverCfg, time.Second, time.Second)
+		if err != nil || !mesh {
+			t.Fatalf("mesh=%v err=%v", mesh, err)
+		}
+		if got := conn.ConnectionState().DidResume; got != wantResumed {
+			t.Errorf("resumed = %v, want %v", got, wantResumed)
+		}
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != "hello" {
+			t.Fatalf("read %q, %v", buf, err)
+		}
+		if _, err := conn.Write([]byte{1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestServerHandshakeBoundsBuffering(t *testing.T) {
+	_, serverCfg := meshConfigs(t)
 	client, server := tcpPair(t)
-	// A TLS record header announcing a huge handshake, then filler: the peek
+	// A TLS record header announcing a huge handshake, then filler: the probing
 	// must stop at maxPeek instead of buffering whatever the client sends.
 	go func() {
 		client.Write([]byte{0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0xff, 0xff, 0xff})
 		client.Write(make([]byte, 2*maxPeek))
 	}()
-	mesh, seen, err := peekHello(server, time.Second)
+	_, mesh, seen, err := serverHandshake(server, serverCfg, time.Second, time.Second)
 	if err != nil {
-		t.Fatalf("peek: %v", err)
+		t.Fatalf("handshake: %v", err)
 	}
 	if mesh {
 		t.Fatal("garbage classified as mesh")
@@ -161,11 +254,13 @@ func TestPeekBoundsBuffering(t *testing.T) {
 	}
 }
 
+// BenchmarkPeekHello measures how a TLS connection that is not meshless (a ClientHello without
+// meshless's ALPN) is told apart: parsing its ClientHello.
 func BenchmarkPeekHello(b *testing.B) {
 	var hello bytes.Buffer
 	cli, srv := net.Pipe()
 	go func() {
-		_ = tls.Client(cli, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{meshtls.ALPN}}).Handshake()
+		_ = tls.Client(cli, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}}).Handshake()
 	}()
 	buf := make([]byte, 4096)
 	srv.SetReadDeadline(time.Now().Add(time.Second))
@@ -173,23 +268,38 @@ func BenchmarkPeekHello(b *testing.B) {
 	hello.Write(buf[:n])
 	cli.Close()
 	srv.Close()
+	_, serverCfg := meshConfigs(b)
 	b.ReportAllocs()
-	b.ResetTimer()
 	for b.Loop() {
-		c := &replayConn{data: hello.Bytes()}
-		mesh, _, err := peekHello(c, time.Second)
-		if err != nil || !mesh {
-			b.Fatalf("mesh=%v err=%v", mesh, err)
+		c := &bytesConn{data: hello.Bytes()}
+		_, mesh, seen, err := serverHandshake(c, serverCfg, time.Second, time.Second)
+		if err != nil || mesh || len(seen) != n {
+			b.Fatalf("mesh=%v seen=%d err=%v", mesh, len(seen), err)
 		}
 	}
 }
 
-// replayConn serves fixed bytes, then EOF; enough for the peek.
+// replayConn replays bytes read earlier before reading on from the connection.
 type replayConn struct {
+	*net.TCPConn
+	prefix []byte
+}
+
+func (p *replayConn) Read(b []byte) (int, error) {
+	if len(p.prefix) > 0 {
+		n := copy(b, p.prefix)
+		p.prefix = p.prefix[n:]
+		return n, nil
+	}
+	return p.TCPConn.Read(b)
+}
+
+// bytesConn serves fixed bytes, then EOF.
+type bytesConn struct {
 	data []byte
 }
 
-func (r *replayConn) Read(p []byte) (int, error) {
+func (r *bytesConn) Read(p []byte) (int, error) {
 	if len(r.data) == 0 {
 		return 0, io.EOF
 	}
@@ -198,10 +308,10 @@ func (r *replayConn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (r *replayConn) Write(p []byte) (int, error)      { return len(p), nil }
-func (r *replayConn) SetReadDeadline(time.Time) error  { return nil }
-func (r *replayConn) SetDeadline(time.Time) error      { return nil }
-func (r *replayConn) SetWriteDeadline(time.Time) error { return nil }
-func (r *replayConn) Close() error                     { return nil }
-func (r *replayConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
-func (r *replayConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (r *bytesConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (r *bytesConn) SetReadDeadline(time.Time) error  { return nil }
+func (r *bytesConn) SetDeadline(time.Time) error      { return nil }
+func (r *bytesConn) SetWriteDeadline(time.Time) error { return nil }
+func (r *bytesConn) Close() error                     { return nil }
+func (r *bytesConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (r *bytesConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }

@@ -216,13 +216,10 @@ func newSource(r io.Reader) (*source, error) {
 	case *net.TCPConn:
 		sc = c
 	case *tls.Conn:
-		switch nc := c.NetConn().(type) {
-		case *prefixConn:
-			if len(nc.prefix) == 0 {
-				sc, s.tls = nc.TCPConn, c
+		if w, ok := c.NetConn().(interface{ tcpConn() (*net.TCPConn, bool) }); ok {
+			if tc, ok := w.tcpConn(); ok {
+				sc, s.tls = tc, c
 			}
-		case *batchConn:
-			sc, s.tls = nc.TCPConn, c
 		}
 	}
 	if sc == nil {
