@@ -52,9 +52,9 @@ func sendHello(t *testing.T, c net.Conn, protos []string) {
 	}()
 }
 
-// meshConfigs returns the client config of one identity and the server config of another, from
-// one built-in CA, as the daemon builds them.
-func meshConfigs(t testing.TB) (client, server *tls.Config) {
+// testCASource returns a built-in CA's SVID source for the trust domain cluster.local, from a
+// new CA.
+func testCASource(t testing.TB) (spiffeid.TrustDomain, *meshtls.CASource) {
 	t.Helper()
 	caDir := t.TempDir()
 	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
@@ -65,7 +65,14 @@ func meshConfigs(t testing.TB) (client, server *tls.Config) {
 		t.Fatal(err)
 	}
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
-	src := meshtls.NewCASource(ca, td, time.Hour, nil)
+	return td, meshtls.NewCASource(ca, td, time.Hour, nil)
+}
+
+// meshConfigs returns the client config of one identity and the server config of another, from
+// one built-in CA, as the daemon builds them.
+func meshConfigs(t testing.TB) (client, server *tls.Config) {
+	t.Helper()
+	td, src := testCASource(t)
 	a, b := spiffeid.RequireFromPath(td, "/ns/test/sa/a"), spiffeid.RequireFromPath(td, "/ns/test/sa/b")
 	for _, id := range []spiffeid.ID{a, b} {
 		if err := src.Acquire(meshtls.Workload{ID: id}); err != nil {

@@ -104,16 +104,7 @@ func newPodPair(t testing.TB, opts ...meshtls.Option) *podPair {
 		}
 	}
 
-	caDir := t.TempDir()
-	if err := meshtls.InitCA(caDir, time.Now()); err != nil {
-		t.Fatal(err)
-	}
-	ca, err := meshtls.LoadCA(caDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	td := spiffeid.RequireTrustDomainFromString("cluster.local")
-	src := meshtls.NewCASource(ca, td, time.Hour, nil)
+	td, src := testCASource(t)
 	configs := meshtls.NewConfigs(src, nil, opts...)
 	src.OnBundleChange(configs.Reset)
 	p.proxy, err = New(Config{
@@ -480,16 +471,7 @@ func TestDialInSocket(t *testing.T) {
 		if got := addrPort(c.RemoteAddr()); got != dst {
 			t.Errorf("remote %v: remote address %v, want %v", remote, got, dst)
 		}
-		want := map[string][3]int{
-			"SO_MARK":      {unix.SOL_SOCKET, unix.SO_MARK, capture.SocketMark},
-			"TCP_NODELAY":  {unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
-			"SO_KEEPALIVE": {unix.SOL_SOCKET, unix.SO_KEEPALIVE, 0},
-		}
-		if remote {
-			want["SO_KEEPALIVE"] = [3]int{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1}
-			want["TCP_KEEPIDLE"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15}
-		}
-		checkSockopts(t, c, want)
+		checkSockopts(t, c, wantSockopts(remote))
 		c.Close()
 	}
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -31,19 +32,25 @@ func TestListenConfigKeepAlive(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		want := map[string][3]int{
-			"SO_MARK":      {unix.SOL_SOCKET, unix.SO_MARK, capture.SocketMark},
-			"TCP_NODELAY":  {unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
-			"SO_KEEPALIVE": {unix.SOL_SOCKET, unix.SO_KEEPALIVE, 0},
-		}
-		if inbound {
-			want["SO_KEEPALIVE"] = [3]int{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1}
-			want["TCP_KEEPIDLE"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15}
-			want["TCP_KEEPINTVL"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15}
-			want["TCP_KEEPCNT"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9}
-		}
 		t.Run(map[bool]string{true: "inbound", false: "outbound"}[inbound], func(t *testing.T) {
-			checkSockopts(t, c.(*net.TCPConn), want)
+			checkSockopts(t, c.(*net.TCPConn), wantSockopts(inbound))
 		})
 	}
+}
+
+// wantSockopts is what a daemon socket in a pod's netns carries: the daemon's mark, no delay, and
+// remoteKeepAlive's probes if keepAlive.
+func wantSockopts(keepAlive bool) map[string][3]int {
+	want := map[string][3]int{
+		"SO_MARK":      {unix.SOL_SOCKET, unix.SO_MARK, capture.SocketMark},
+		"TCP_NODELAY":  {unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+		"SO_KEEPALIVE": {unix.SOL_SOCKET, unix.SO_KEEPALIVE, 0},
+	}
+	if keepAlive {
+		want["SO_KEEPALIVE"] = [3]int{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1}
+		want["TCP_KEEPIDLE"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, int(remoteKeepAlive.Idle / time.Second)}
+		want["TCP_KEEPINTVL"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, int(remoteKeepAlive.Interval / time.Second)}
+		want["TCP_KEEPCNT"] = [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, remoteKeepAlive.Count}
+	}
+	return want
 }
