@@ -35,14 +35,14 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if id.Fallback {
 		log.Warn("CNI_ARGS has no K8S_POD_NAMESPACE/K8S_POD_NAME (not run by Kubernetes?); enrolling the pod under a name made from its container ID")
 	}
-	var early <-chan installed
+	var early func() installed
 	if b := capture.Backend(enroll.BackendHint(conf.SocketPath)); b == capture.Legacy || b == capture.NFT {
 		early = at.install(b, log)
 	}
 	e, err := client.Enroll(ctx, pod)
 	var done *installed
 	if early != nil {
-		r := <-early
+		r := early()
 		done = &r
 	}
 	if err != nil {
@@ -84,7 +84,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 		if err != nil {
 			return withdraw(ctx, client, pod, log, err)
 		}
-		r := <-at.install(b, log)
+		r := at.install(b, log)()
 		done = &r
 	}
 	if done.err != nil {
@@ -110,24 +110,21 @@ func (in installed) undo() error {
 	return capture.Remove(in.netns, in.cc)
 }
 
-// install starts installing the pod's capture in backend b, and delivers the outcome: ADD
-// waits for it either while meshlessd enrolls the pod or after. It returns once the restore
-// programs run (see capture.StartOnNode), so that the enrollment, which is asked for next,
-// does not slow down their start.
-func (at *attachment) install(b capture.Backend, log *slog.Logger) <-chan installed {
-	out := make(chan installed, 1)
+// install starts installing the pod's capture in backend b, and returns once the restore
+// programs run (see capture.StartOnNode), so that the enrollment, which is asked for next, does
+// not slow down their start. ADD waits for the outcome with wait, either after the enrollment
+// or, when it had to learn the backend from it, at once.
+func (at *attachment) install(b capture.Backend, log *slog.Logger) (wait func() installed) {
 	cc, err := podCapture(at.conf, b, at.pod.IPs)
 	if err != nil {
-		out <- installed{netns: at.pod.Netns, err: err}
-		return out
+		return func() installed { return installed{netns: at.pod.Netns, err: err} }
 	}
 	log.Debug("installing capture rules", "backend", cc.Backend, "ips", at.pod.IPs)
 	in := capture.StartOnNode(at.pod.Netns, cc)
-	go func() {
+	return func() installed {
 		fresh, err := in.Finish()
-		out <- installed{netns: at.pod.Netns, cc: cc, fresh: fresh, err: err}
-	}()
-	return out
+		return installed{netns: at.pod.Netns, cc: cc, fresh: fresh, err: err}
+	}
 }
 
 // withdraw asks the daemon to forget the pod whose capture failed, and returns the CNI error.

@@ -45,10 +45,10 @@ func TestNodeAddrs(t *testing.T) {
 	}
 }
 
-// TestApplyOnNode installs a pod's capture with the node's addresses read by ApplyOnNode, in a
+// TestStartOnNode installs a pod's capture with the node's addresses read by StartOnNode, in a
 // new netns (the restore program starts before they are known) and again in the same netns:
 // the rules are those of the node's addresses, installed once.
-func TestApplyOnNode(t *testing.T) {
+func TestStartOnNode(t *testing.T) {
 	needRoot(t)
 	for _, b := range backends {
 		t.Run(string(b), func(t *testing.T) {
@@ -56,12 +56,12 @@ func TestApplyOnNode(t *testing.T) {
 			c := podConfig(b, true)
 			c.NodeIPs = nil
 			for i := range 2 {
-				fresh, err := ApplyOnNode(path, c)
+				fresh, err := StartOnNode(path, c).Finish()
 				if err != nil {
-					t.Fatalf("ApplyOnNode #%d: %v", i+1, err)
+					t.Fatalf("StartOnNode #%d: %v", i+1, err)
 				}
 				if fresh != (i == 0) {
-					t.Errorf("ApplyOnNode #%d: fresh = %v, want %v", i+1, fresh, i == 0)
+					t.Errorf("StartOnNode #%d: fresh = %v, want %v", i+1, fresh, i == 0)
 				}
 			}
 			want := c

@@ -116,20 +116,12 @@ func Apply(nsPath string, c Config) error {
 	return err
 }
 
-// ApplyOnNode is Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set to
-// NodeAddrs(c.PodIPs). fresh reports whether the netns held no nat and no mangle table in any of
-// the pod's families before the call: then whatever of ours is there is the call's doing, and
-// Remove undoes just that.
-func ApplyOnNode(nsPath string, c Config) (fresh bool, err error) {
-	return StartOnNode(nsPath, c).Finish()
-}
-
-// StartOnNode starts ApplyOnNode and returns once the restore programs run in a new pod's netns
-// (in any other netns, once the work has begun); Finish waits for the outcome. Starting a
-// program is most of its cost, and a caller with other work for the pod (the plugin's
-// enrollment) does that work while the programs start, not while they are being started: on a
-// small node both compete for the same cores. The node's addresses are read while the programs
-// start.
+// StartOnNode starts Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set
+// to NodeAddrs(c.PodIPs), and returns once the restore programs run in a new pod's netns (in any
+// other netns, once the work has begun); Finish waits for the outcome. Starting a program is most
+// of its cost, and a caller with other work for the pod (the plugin's enrollment) does that work
+// while the programs start, not while they are being started: on a small node both compete for
+// the same cores. The node's addresses are read while the programs start.
 func StartOnNode(nsPath string, c Config) *Installing {
 	addrs := &nodeAddrs{done: make(chan struct{})}
 	go func() {
@@ -146,7 +138,9 @@ type Installing struct {
 	err   error
 }
 
-// Finish waits until the capture is installed, or failed, and reports as ApplyOnNode.
+// Finish waits until the capture is installed, or failed. fresh reports whether the netns held no
+// nat and no mangle table in any of the pod's families before: then whatever of ours is there is
+// this installation's doing, and Remove undoes just that.
 func (in *Installing) Finish() (fresh bool, err error) {
 	<-in.done
 	return in.fresh, in.err

@@ -61,7 +61,7 @@ func batchOf(w any) (*tls.Conn, *batchConn) {
 	case *batchConn:
 		return c, nc
 	case *helloConn:
-		if b, ok := nc.Conn.(*batchConn); ok && !nc.probing {
+		if b := nc.batch(); b != nil {
 			return c, b
 		}
 	}

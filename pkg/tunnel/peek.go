@@ -98,14 +98,18 @@ func (h *helloConn) CheckClientHello(hello *tls.ClientHelloInfo) error {
 	return h.Conn.SetReadDeadline(time.Time{})
 }
 
-// tcpConn returns the TCP connection under c, for waiting on its socket.
+// batch returns the batchConn under h once the ClientHello was meshless's, else nil.
+func (h *helloConn) batch() *batchConn {
+	if bc, ok := h.Conn.(*batchConn); ok && !h.probing {
+		return bc
+	}
+	return nil
+}
+
+// tcpConn returns the TCP connection under h, for waiting on its socket.
 func (h *helloConn) tcpConn() (*net.TCPConn, bool) {
-	if h.probing {
-		return nil, false
+	if bc := h.batch(); bc != nil {
+		return bc.TCPConn, true
 	}
-	bc, ok := h.Conn.(*batchConn)
-	if !ok {
-		return nil, false
-	}
-	return bc.TCPConn, true
+	return nil, false
 }
