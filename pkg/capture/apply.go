@@ -106,8 +106,8 @@ func prepare(c Config) (Config, []familyTools, error) {
 }
 
 // Apply installs the ruleset and the policy routing in the netns at nsPath. The chains of each
-// family are written in one iptables-restore --noflush transaction together with whichever jumps
-// are missing, so a pod is never half captured and applying twice leaves exactly one copy of
+// family are written in one transaction (iptables-restore --noflush, or one nftables batch, see
+// applyFamily) together with whichever jumps are missing, so a pod is never half captured and applying twice leaves exactly one copy of
 // everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
 // the CNI calls of one pod). The families are independent and go in side by side, the policy
 // routing while a restore program works: a pod's ADD waits for the slowest, not for the sum.
@@ -118,7 +118,8 @@ func Apply(nsPath string, c Config) error {
 
 // StartOnNode starts Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set
 // to NodeAddrs(c.PodIPs), and returns once the restore programs run in a new pod's netns (in any
-// other netns, once the work has begun); Finish waits for the outcome. Starting a program is most
+// other netns, and when no program is needed, once the work has begun); Finish waits for the
+// outcome. Starting a program is most
 // of its cost, and a caller with other work for the pod (the plugin's enrollment) does that work
 // while the programs start, not while they are being started: on a small node both compete for
 // the same cores. The node's addresses are read while the programs start.
@@ -197,10 +198,14 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 		}
 		return nil
 	}
+	netns, err := ns.GetNS(nsPath)
+	if err != nil {
+		in.err = fmt.Errorf("install capture in netns %s: %w", nsPath, err)
+		close(in.done)
+		return in
+	}
 	var wg, started sync.WaitGroup
 	started.Add(len(tools))
-	// Each goroutine enters the netns on its own thread: programs started from it inherit the
-	// netns, those of another goroutine would not.
 	for i, t := range tools {
 		meanwhile := routing
 		if i > 0 {
@@ -209,15 +214,12 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 		wg.Go(func() {
 			once := sync.OnceFunc(started.Done)
 			defer once() // when the netns cannot be entered
-			errs[i] = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-				var err error
-				freshes[i], err = applyFamily(t, c, addrs, meanwhile, once)
-				return err
-			})
+			freshes[i], errs[i] = applyFamily(netns, t, c, addrs, meanwhile, once)
 		})
 	}
 	go func() {
 		wg.Wait()
+		_ = netns.Close()
 		in.fresh = !slices.Contains(freshes, false)
 		if err := errors.Join(errs...); err != nil {
 			in.err = fmt.Errorf("install capture in netns %s: %w", nsPath, err)
@@ -228,18 +230,45 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 	return in
 }
 
-// applyFamily writes one family's chains and missing jumps with one iptables-restore. Which
-// jumps are missing it learns from the kernel when the netns holds neither a nat nor a mangle
-// table (a new pod's: then every jump is), and otherwise from one iptables-save. (Asking
-// iptables about each jump instead costs a program run per question, and each run is
-// milliseconds of a pod's CNI ADD.) In a new pod's netns the restore program starts at once and
-// gets its input when the node's addresses are known: starting a program is most of its cost.
-// meanwhile, unless nil, runs in the netns too, while the program works. started is called once
-// the program runs, or the slower way begins. fresh reports whether the netns held neither table.
-func applyFamily(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error, started func()) (fresh bool, err error) {
+// applyFamily writes one family's chains and missing jumps into netns in one transaction. When
+// the netns holds neither a nat nor a mangle table (a new pod's), every jump is missing, and with
+// the nft backend the rules go in over netlink, with no program (writeNFT). Otherwise
+// applyWithPrograms writes them. meanwhile, unless nil, runs in the netns too (while a program
+// works, if there is one). started is called once a program runs, or the other ways begin. fresh
+// reports whether the netns held neither table.
+func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error, started func()) (fresh bool, err error) {
 	if meanwhile == nil {
 		meanwhile = func() error { return nil }
 	}
+	if t.backend == NFT {
+		if conn, err := nftIn(netns); err == nil {
+			defer func() { _ = conn.CloseLasting() }()
+			if fresh, err := nftHoldsNoTables(conn, t.family); err == nil && fresh {
+				started()
+				c, err := addrs.config(c)
+				if err != nil {
+					return true, err
+				}
+				werr := writeNFT(conn, chains(c, t.family), t.family)
+				return true, errors.Join(werr, netns.Do(func(ns.NetNS) error { return meanwhile() }))
+			}
+		}
+	}
+	// Programs started from this goroutine inherit its thread's netns.
+	err = netns.Do(func(ns.NetNS) error {
+		fresh, err = applyWithPrograms(t, c, addrs, meanwhile, started)
+		return err
+	})
+	return fresh, err
+}
+
+// applyWithPrograms is applyFamily with iptables programs, in the calling thread's netns. Which
+// jumps are missing it learns from the kernel when the netns holds neither a nat nor a mangle
+// table, and otherwise from one iptables-save. (Asking iptables about each jump instead costs a
+// program run per question, and each run is milliseconds of a pod's CNI ADD.) In a new pod's
+// netns the restore program starts at once and gets its input when the node's addresses are
+// known: starting a program is most of its cost.
+func applyWithPrograms(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error, started func()) (fresh bool, err error) {
 	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
 		r, err := t.startRestore()
 		started()
@@ -439,12 +468,12 @@ func checkFamily(t familyTools, c Config) (problems []error, err error) {
 			problems = append(problems, fmt.Errorf("%s holds %d rules, want %d", where, n, len(ch.rules)))
 		}
 		for _, r := range ch.rules {
-			ok, err := ipt.Exists(ch.table, ch.name, r...)
+			ok, err := ipt.Exists(ch.table, ch.name, r.spec()...)
 			if err != nil {
-				return nil, fmt.Errorf("look for rule %q in %s: %w", strings.Join(r, " "), where, err)
+				return nil, fmt.Errorf("look for rule %q in %s: %w", strings.Join(r.spec(), " "), where, err)
 			}
 			if !ok {
-				problems = append(problems, fmt.Errorf("%s lacks rule %q", where, strings.Join(r, " ")))
+				problems = append(problems, fmt.Errorf("%s lacks rule %q", where, strings.Join(r.spec(), " ")))
 			}
 		}
 
@@ -452,13 +481,13 @@ func checkFamily(t familyTools, c Config) (problems []error, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("list %s %s %s: %w", v, ch.table, ch.parent, err)
 		}
-		ok, err = ipt.Exists(ch.table, ch.parent, ch.jump...)
+		ok, err = ipt.Exists(ch.table, ch.parent, ch.jump.spec()...)
 		if err != nil {
 			return nil, fmt.Errorf("look for jump to %s: %w", where, err)
 		}
 		switch n := countAppends(listed, ch.name); {
 		case !ok:
-			problems = append(problems, fmt.Errorf("%s %s %s lacks the jump %q", v, ch.table, ch.parent, strings.Join(ch.jump, " ")))
+			problems = append(problems, fmt.Errorf("%s %s %s lacks the jump %q", v, ch.table, ch.parent, strings.Join(ch.jump.spec(), " ")))
 		case n != 1:
 			problems = append(problems, fmt.Errorf("%s %s %s jumps to %s %d times, want once", v, ch.table, ch.parent, ch.name, n))
 		}

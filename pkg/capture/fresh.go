@@ -5,10 +5,10 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"slices"
 	"strings"
 
-	"github.com/vishvananda/netlink/nl"
-	"golang.org/x/sys/unix"
+	"github.com/google/nftables"
 )
 
 // ourTables are the tables that hold our chains and jumps.
@@ -20,27 +20,22 @@ var ourTables = []string{"nat", "mangle"}
 // the kernel directly, which costs microseconds where a program run costs milliseconds. An
 // error means "not known": the caller looks with iptables-save instead.
 func holdsNoTables(b Backend, family int) (bool, error) {
-	var names []string
-	var err error
 	switch b {
 	case Legacy:
-		names, err = legacyTables(family)
+		names, err := legacyTables(family)
+		if err != nil {
+			return false, err
+		}
+		return !slices.ContainsFunc(names, func(n string) bool { return slices.Contains(ourTables, n) }), nil
 	case NFT:
-		names, err = nftTables(family)
+		conn, err := nftables.New()
+		if err != nil {
+			return false, fmt.Errorf("nftables: %w", err)
+		}
+		return nftHoldsNoTables(conn, family)
 	default:
 		return false, fmt.Errorf("unknown iptables backend %q", b)
 	}
-	if err != nil {
-		return false, err
-	}
-	for _, n := range names {
-		for _, t := range ourTables {
-			if n == t {
-				return false, nil
-			}
-		}
-	}
-	return true, nil
 }
 
 // legacyTables lists the x_tables tables that exist in the calling thread's netns. The kernel
@@ -61,35 +56,4 @@ func legacyTables(family int) ([]string, error) {
 		return nil, fmt.Errorf("list legacy iptables tables: %w", err)
 	}
 	return strings.Fields(string(data)), nil
-}
-
-// nftTables lists the nftables tables of one family (ip or ip6, where iptables-nft keeps its
-// tables) in the calling thread's netns, with one netlink dump.
-func nftTables(family int) ([]string, error) {
-	proto := uint8(unix.NFPROTO_IPV4)
-	if family == 6 {
-		proto = unix.NFPROTO_IPV6
-	}
-	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETTABLE, unix.NLM_F_DUMP)
-	req.AddData(&nl.Nfgenmsg{NfgenFamily: proto, Version: nl.NFNETLINK_V0})
-	msgs, err := req.Execute(unix.NETLINK_NETFILTER, 0)
-	if err != nil {
-		return nil, fmt.Errorf("list nftables tables: %w", err)
-	}
-	var names []string
-	for _, m := range msgs {
-		if len(m) < nl.SizeofNfgenmsg {
-			return nil, errors.New("list nftables tables: short message")
-		}
-		attrs, err := nl.ParseRouteAttr(m[nl.SizeofNfgenmsg:])
-		if err != nil {
-			return nil, fmt.Errorf("list nftables tables: %w", err)
-		}
-		for _, a := range attrs {
-			if a.Attr.Type&^(unix.NLA_F_NESTED|unix.NLA_F_NET_BYTEORDER) == unix.NFTA_TABLE_NAME {
-				names = append(names, strings.TrimRight(string(a.Value), "\x00"))
-			}
-		}
-	}
-	return names, nil
 }

@@ -10,11 +10,78 @@ import (
 
 // chain is one of our dedicated chains: its rules, and the one jump that enters it.
 type chain struct {
-	table  string     // "nat" or "mangle"
-	name   string     // our chain
-	parent string     // the built-in chain holding the jump
-	jump   []string   // rule spec of the jump in parent
-	rules  [][]string // rule specs, in order
+	table  string // "nat" or "mangle"
+	name   string // our chain
+	parent string // the built-in chain holding the jump
+	jump   rule   // the jump in parent
+	rules  []rule // in order
+}
+
+// rule is one of our rules, in a form that renders both as iptables arguments (spec) and as the
+// nftables expressions iptables-nft makes of those arguments (nft.go).
+type rule struct {
+	in, out  string       // -i, -o
+	src, dst netip.Prefix // -s, -d
+	tcp      bool         // -p tcp
+	dport    uint16       // -m tcp --dport; only with tcp
+	mark     bool         // -m mark --mark SocketMark/MarkMask
+	connmark bool         // -m connmark --mark ConnMark/MarkMask
+	verdict  verdict
+	jumpTo   string // the chain of a jump
+	toPort   uint16 // the port of a redirect
+}
+
+// verdict is what a rule does with a packet it matches.
+type verdict int
+
+const (
+	verdictReturn      verdict = iota // -j RETURN
+	verdictJump                       // -j jumpTo
+	verdictRedirect                   // -j REDIRECT --to-ports toPort
+	verdictSetConnMark                // -j CONNMARK --set-xmark ConnMark/MarkMask
+	verdictRestoreMark                // -j CONNMARK --restore-mark (the MarkMask bits)
+)
+
+// spec returns the rule's iptables arguments, in the order iptables-save prints them.
+func (r rule) spec() []string {
+	var a []string
+	if r.src.IsValid() {
+		a = append(a, "-s", r.src.String())
+	}
+	if r.dst.IsValid() {
+		a = append(a, "-d", r.dst.String())
+	}
+	if r.in != "" {
+		a = append(a, "-i", r.in)
+	}
+	if r.out != "" {
+		a = append(a, "-o", r.out)
+	}
+	if r.tcp {
+		a = append(a, "-p", "tcp")
+	}
+	if r.dport != 0 {
+		a = append(a, "-m", "tcp", "--dport", strconv.Itoa(int(r.dport)))
+	}
+	if r.mark {
+		a = append(a, "-m", "mark", "--mark", hexMark(SocketMark)+"/"+hexMark(MarkMask))
+	}
+	if r.connmark {
+		a = append(a, "-m", "connmark", "--mark", hexMark(ConnMark)+"/"+hexMark(MarkMask))
+	}
+	switch r.verdict {
+	case verdictReturn:
+		a = append(a, "-j", "RETURN")
+	case verdictJump:
+		a = append(a, "-j", r.jumpTo)
+	case verdictRedirect:
+		a = append(a, "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(r.toPort)))
+	case verdictSetConnMark:
+		a = append(a, "-j", "CONNMARK", "--set-xmark", hexMark(ConnMark)+"/"+hexMark(MarkMask))
+	case verdictRestoreMark:
+		a = append(a, "-j", "CONNMARK", "--restore-mark", "--nfmask", hexMark(MarkMask), "--ctmask", hexMark(MarkMask))
+	}
+	return a
 }
 
 // chains returns the ruleset of one family (4 or 6). Only c's addresses of that family appear in
@@ -25,71 +92,62 @@ func chains(c Config, family int) []chain {
 	if family == 6 {
 		hostBits = 128
 	}
-	hostsOf := func(addrs []netip.Addr) []string {
-		var out []string
+	hostsOf := func(addrs []netip.Addr) []netip.Prefix {
+		var out []netip.Prefix
 		for _, a := range addrs {
 			a = a.Unmap()
 			if a.IsValid() && a.Is4() == (family == 4) {
-				out = appendUnique(out, netip.PrefixFrom(a, hostBits).String())
+				out = appendUnique(out, netip.PrefixFrom(a, hostBits))
 			}
 		}
 		return out
 	}
-	var cidrs []string
+	var cidrs []netip.Prefix
 	for _, p := range c.ExcludeOutboundCIDRs {
 		if p.IsValid() && p.Addr().Unmap().Is4() == (family == 4) {
-			cidrs = appendUnique(cidrs, p.Masked().String())
+			cidrs = appendUnique(cidrs, p.Masked())
 		}
-	}
-	socketMark := hexMark(SocketMark) + "/" + hexMark(MarkMask)
-	connMark := hexMark(ConnMark) + "/" + hexMark(MarkMask)
-	returnFromPort := func(p uint16) []string {
-		return []string{"-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(int(p)), "-j", "RETURN"}
 	}
 
 	// Outbound: everything the daemon sends itself (its mark), loopback, the pod's own addresses
 	// and the exclusions leave as they are; all other TCP goes to the daemon.
-	out := [][]string{
-		{"-m", "mark", "--mark", socketMark, "-j", "RETURN"},
-		{"-o", "lo", "-j", "RETURN"},
-	}
+	out := []rule{{mark: true}, {out: "lo"}}
 	for _, h := range hostsOf(c.PodIPs) {
-		out = append(out, []string{"-d", h, "-j", "RETURN"})
+		out = append(out, rule{dst: h})
 	}
 	for _, p := range cidrs {
-		out = append(out, []string{"-d", p, "-j", "RETURN"})
+		out = append(out, rule{dst: p})
 	}
 	for _, p := range uniquePorts(c.ExcludeOutboundPorts) {
-		out = append(out, returnFromPort(p))
+		out = append(out, rule{tcp: true, dport: p})
 	}
-	out = append(out, []string{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(OutboundPort)})
+	out = append(out, rule{tcp: true, verdict: verdictRedirect, toPort: OutboundPort})
 
 	// Inbound: loopback (the daemon's own connection to the app arrives there) and the node's
 	// addresses (kubelet probes must work in strict mode) reach the app directly.
-	in := [][]string{{"-i", "lo", "-j", "RETURN"}}
+	in := []rule{{in: "lo"}}
 	for _, h := range hostsOf(c.NodeIPs) {
-		in = append(in, []string{"-s", h, "-j", "RETURN"})
+		in = append(in, rule{src: h})
 	}
 	for _, p := range uniquePorts(c.ExcludeInboundPorts) {
-		in = append(in, returnFromPort(p))
+		in = append(in, rule{tcp: true, dport: p})
 	}
-	in = append(in, []string{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(InboundPort)})
+	in = append(in, rule{tcp: true, verdict: verdictRedirect, toPort: InboundPort})
 
 	return []chain{
-		{table: "nat", name: ChainOutbound, parent: "OUTPUT", jump: []string{"-p", "tcp", "-j", ChainOutbound}, rules: out},
-		{table: "nat", name: ChainInbound, parent: "PREROUTING", jump: []string{"-p", "tcp", "-j", ChainInbound}, rules: in},
+		{table: "nat", name: ChainOutbound, parent: "OUTPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainOutbound}, rules: out},
+		{table: "nat", name: ChainInbound, parent: "PREROUTING", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainInbound}, rules: in},
 		{
-			table: "mangle", name: ChainPrerouting, parent: "PREROUTING", jump: []string{"-j", ChainPrerouting},
+			table: "mangle", name: ChainPrerouting, parent: "PREROUTING", jump: rule{verdict: verdictJump, jumpTo: ChainPrerouting},
 			// The daemon's transparent connection to the app runs over lo with the socket mark:
 			// remember it in the conntrack entry ...
-			rules: [][]string{{"-i", "lo", "-m", "mark", "--mark", socketMark, "-j", "CONNMARK", "--set-xmark", connMark}},
+			rules: []rule{{in: "lo", mark: true, verdict: verdictSetConnMark}},
 		},
 		{
-			table: "mangle", name: ChainMangleOut, parent: "OUTPUT", jump: []string{"-j", ChainMangleOut},
+			table: "mangle", name: ChainMangleOut, parent: "OUTPUT", jump: rule{verdict: verdictJump, jumpTo: ChainMangleOut},
 			// ... so that the app's replies, addressed to the spoofed client, get the fwmark that
 			// the policy rule routes to lo, where the daemon's socket receives them.
-			rules: [][]string{{"-m", "connmark", "--mark", connMark, "-j", "CONNMARK", "--restore-mark",
-				"--nfmask", hexMark(MarkMask), "--ctmask", hexMark(MarkMask)}},
+			rules: []rule{{connmark: true, verdict: verdictRestoreMark}},
 		},
 	}
 }
@@ -120,13 +178,13 @@ func restoreInput(chs []chain, missing []chain) string {
 				continue
 			}
 			for _, r := range ch.rules {
-				fmt.Fprintf(&b, "-A %s %s\n", ch.name, strings.Join(r, " "))
+				fmt.Fprintf(&b, "-A %s %s\n", ch.name, strings.Join(r.spec(), " "))
 			}
 		}
 		// Jumps go first in the built-in chains, ahead of anything else that might sit there.
 		for _, ch := range missing {
 			if ch.table == table {
-				fmt.Fprintf(&b, "-I %s 1 %s\n", ch.parent, strings.Join(ch.jump, " "))
+				fmt.Fprintf(&b, "-I %s 1 %s\n", ch.parent, strings.Join(ch.jump.spec(), " "))
 			}
 		}
 		b.WriteString("COMMIT\n")
@@ -136,7 +194,7 @@ func restoreInput(chs []chain, missing []chain) string {
 
 func hexMark(v int) string { return "0x" + strconv.FormatInt(int64(v), 16) }
 
-func appendUnique(s []string, v string) []string {
+func appendUnique[T comparable](s []T, v T) []T {
 	if slices.Contains(s, v) {
 		return s
 	}
