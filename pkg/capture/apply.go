@@ -118,11 +118,11 @@ func Apply(nsPath string, c Config) error {
 
 // StartOnNode starts Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set
 // to NodeAddrs(c.PodIPs), and returns once the restore programs run in a new pod's netns (in any
-// other netns, and when no program is needed, once the work has begun); Finish waits for the
-// outcome. Starting a program is most
-// of its cost, and a caller with other work for the pod (the plugin's enrollment) does that work
-// while the programs start, not while they are being started: on a small node both compete for
-// the same cores. The node's addresses are read while the programs start.
+// other netns once the work has begun; with the nft backend, which needs no program for a new
+// pod, at once); Finish waits for the outcome. Starting a program is most of its cost, and a caller with other
+// work for the pod (the plugin's enrollment) does that work while the programs start, not while
+// they are being started: on a small node both compete for the same cores. The node's addresses
+// are read while the programs start.
 func StartOnNode(nsPath string, c Config) *Installing {
 	addrs := &nodeAddrs{done: make(chan struct{})}
 	go func() {
@@ -174,7 +174,8 @@ func (n *nodeAddrs) config(c Config) (Config, error) {
 }
 
 // start installs the capture in the background and returns once every family has started its
-// restore program, or begun the slower way (see applyFamily), or failed.
+// restore program, or begun the slower way (see applyWithPrograms), or failed; with the nft
+// backend, at once.
 func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 	in := &Installing{done: make(chan struct{})}
 	c, tools, err := prepare(c)
@@ -226,6 +227,11 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 		}
 		close(in.done)
 	}()
+	if c.Backend == NFT {
+		// A new pod's nft rules need no program (applyFamily), so there is no start to wait for,
+		// and even scheduling the goroutines above takes a good part of a millisecond.
+		return in
+	}
 	started.Wait()
 	return in
 }
@@ -234,8 +240,8 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 // the netns holds neither a nat nor a mangle table (a new pod's), every jump is missing, and with
 // the nft backend the rules go in over netlink, with no program (writeNFT). Otherwise
 // applyWithPrograms writes them. meanwhile, unless nil, runs in the netns too (while a program
-// works, if there is one). started is called once a program runs, or the other ways begin. fresh
-// reports whether the netns held neither table.
+// works, if there is one). started is called once a program runs, or the slower way begins.
+// fresh reports whether the netns held neither table.
 func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error, started func()) (fresh bool, err error) {
 	if meanwhile == nil {
 		meanwhile = func() error { return nil }
@@ -244,7 +250,6 @@ func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, mean
 		if conn, err := nftIn(netns); err == nil {
 			defer func() { _ = conn.CloseLasting() }()
 			if fresh, err := nftHoldsNoTables(conn, t.family); err == nil && fresh {
-				started()
 				c, err := addrs.config(c)
 				if err != nil {
 					return true, err
