@@ -107,10 +107,11 @@ func prepare(c Config) (Config, []familyTools, error) {
 
 // Apply installs the ruleset and the policy routing in the netns at nsPath. The chains of each
 // family are written in one transaction (iptables-restore --noflush, or one nftables batch, see
-// applyFamily) together with whichever jumps are missing, so a pod is never half captured and applying twice leaves exactly one copy of
-// everything. Concurrent Apply calls on the same netns are not supported (the runtime serialises
-// the CNI calls of one pod). The families are independent and go in side by side, the policy
-// routing while a restore program works: a pod's ADD waits for the slowest, not for the sum.
+// applyFamily) together with whichever jumps are missing, so a pod is never half captured and
+// applying twice leaves exactly one copy of everything. Concurrent Apply calls on the same netns
+// are not supported (the runtime serialises the CNI calls of one pod). The families are
+// independent and go in side by side, the policy routing while a restore program works: a pod's
+// ADD waits for the slowest, not for the sum.
 func Apply(nsPath string, c Config) error {
 	_, err := start(nsPath, c, known(c.NodeIPs)).Finish()
 	return err
@@ -119,10 +120,10 @@ func Apply(nsPath string, c Config) error {
 // StartOnNode starts Apply for a pod of the node whose netns the caller is in, with c.NodeIPs set
 // to NodeAddrs(c.PodIPs), and returns once the restore programs run in a new pod's netns (in any
 // other netns once the work has begun; with the nft backend, which needs no program for a new
-// pod, at once); Finish waits for the outcome. Starting a program is most of its cost, and a caller with other
-// work for the pod (the plugin's enrollment) does that work while the programs start, not while
-// they are being started: on a small node both compete for the same cores. The node's addresses
-// are read while the programs start.
+// pod, at once); Finish waits for the outcome. Starting a program is most of its cost, and a
+// caller with other work for the pod (the plugin's enrollment) does that work while the programs
+// start, not while they are being started: on a small node both compete for the same cores. The
+// node's addresses are read while the programs start.
 func StartOnNode(nsPath string, c Config) *Installing {
 	addrs := &nodeAddrs{done: make(chan struct{})}
 	go func() {
