@@ -16,6 +16,8 @@ type batchConn struct {
 	// the reading goroutine while the relay's records are held.
 	mu   sync.Mutex
 	held *[]byte
+	// raw sends the records held, made at the first such write.
+	raw *rawSocket
 }
 
 // batchBufs hold the records of one large write: its plaintext plus each record's header and tag.
@@ -42,13 +44,26 @@ func (c *batchConn) writeBatched(conn *tls.Conn, p []byte) (int, error) {
 	held := c.held
 	c.held = nil
 	if len(*held) > 0 {
-		if _, werr := c.TCPConn.Write(*held); werr != nil && err == nil {
+		if werr := c.sendHeld(*held); werr != nil && err == nil {
 			err = werr
 		}
 	}
 	*held = (*held)[:0]
 	batchBufs.Put(held)
 	return n, err
+}
+
+// sendHeld sends the records a large write held, without telling the scheduler (see rawSocket).
+func (c *batchConn) sendHeld(b []byte) error {
+	if c.raw == nil {
+		raw, err := newRawSocket(c.TCPConn)
+		if err != nil {
+			return err
+		}
+		c.raw = raw
+	}
+	_, err := c.raw.Write(b)
+	return err
 }
 
 // batchOf returns the batchConn under w, or nil if w is not a tls.Conn over one.

@@ -112,6 +112,13 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 		return 0, err
 	}
 	tlsDst, batch := batchOf(dst)
+	// Large writes to a plain TCP destination go without telling the scheduler (see rawSocket).
+	var rawDst *rawSocket
+	if tc, ok := dst.(*net.TCPConn); ok {
+		if rawDst, err = newRawSocket(tc); err != nil {
+			return 0, err
+		}
+	}
 	var large *[]byte
 	fresh := false
 	defer func() {
@@ -147,6 +154,8 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 			var nw int
 			if nr > tlsRecordMax && batch != nil {
 				nw, werr = batch.writeBatched(tlsDst, (*buf)[:nr])
+			} else if rawDst != nil && nr > smallBufSize {
+				nw, werr = rawDst.Write((*buf)[:nr])
 			} else {
 				nw, werr = dst.Write((*buf)[:nr])
 			}
@@ -193,6 +202,9 @@ var errIdle = errors.New("source idle")
 type source struct {
 	r  io.Reader
 	rc syscall.RawConn
+	// raw reads a plain TCP source into the large buffer, without telling the scheduler (see
+	// rawSocket); nil for other sources.
+	raw *rawSocket
 	// tls is set for a TLS source whose socket can be waited on; nil for a plain TCP one.
 	tls interface{ SetReadDeadline(time.Time) error }
 	// armed tells whether tls has a read deadline set.
@@ -215,6 +227,11 @@ func newSource(r io.Reader) (*source, error) {
 	switch c := r.(type) {
 	case *net.TCPConn:
 		sc = c
+		raw, err := newRawSocket(c)
+		if err != nil {
+			return nil, err
+		}
+		s.raw = raw
 	case *tls.Conn:
 		if w, ok := c.NetConn().(interface{ tcpConn() (*net.TCPConn, bool) }); ok {
 			if tc, ok := w.tcpConn(); ok {
@@ -260,6 +277,9 @@ func (s *source) readSmall() (*[]byte, int, error) {
 
 // read reads into buf; a TLS source silent for idleAfter returns errIdle.
 func (s *source) read(buf []byte) (int, error) {
+	if s.raw != nil {
+		return s.raw.Read(buf)
+	}
 	if s.tls == nil {
 		return s.r.Read(buf)
 	}
