@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -96,7 +97,7 @@ func writeNFT(conn *nftables.Conn, chs []chain, family int) error {
 			}
 			parent = conn.AddChain(&nftables.Chain{
 				Name: ch.parent, Table: tables[ch.table],
-				Type: b.kind, Hooknum: b.hook, Priority: b.priority, Policy: ptr(nftables.ChainPolicyAccept),
+				Type: b.kind, Hooknum: b.hook, Priority: b.priority, Policy: new(nftables.ChainPolicyAccept),
 			})
 			parents[key] = parent
 		}
@@ -126,10 +127,10 @@ func (r rule) exprs(family int) []expr.Any {
 		srcOffset, dstOffset = 8, 24
 	}
 	if r.src.IsValid() {
-		e = append(e, addrMatch(r.src.Addr().AsSlice(), r.src.Bits(), srcOffset)...)
+		e = append(e, addrMatch(r.src, srcOffset)...)
 	}
 	if r.dst.IsValid() {
-		e = append(e, addrMatch(r.dst.Addr().AsSlice(), r.dst.Bits(), dstOffset)...)
+		e = append(e, addrMatch(r.dst, dstOffset)...)
 	}
 	if r.tcp {
 		e = append(e,
@@ -173,10 +174,11 @@ func ifnameCmp(name string) *expr.Cmp {
 	return &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: append([]byte(name), 0)}
 }
 
-// addrMatch matches the address prefix at offset in the network header as iptables-nft does:
+// addrMatch matches the address prefix p at offset in the network header as iptables-nft does:
 // nothing for a /0, a load of just the prefix's bytes when it ends on a byte, and otherwise a
 // load of the whole address, masked.
-func addrMatch(addr []byte, bits int, offset uint32) []expr.Any {
+func addrMatch(p netip.Prefix, offset uint32) []expr.Any {
+	addr, bits := p.Masked().Addr().AsSlice(), p.Bits()
 	if bits == 0 {
 		return nil
 	}
@@ -187,15 +189,10 @@ func addrMatch(addr []byte, bits int, offset uint32) []expr.Any {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr[:n]},
 		}
 	}
-	mask := net.CIDRMask(bits, len(addr)*8)
-	masked := make([]byte, len(addr))
-	for i := range addr {
-		masked[i] = addr[i] & mask[i]
-	}
 	return []expr.Any{
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: uint32(len(addr))},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(addr)), Mask: mask, Xor: make([]byte, len(addr))},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: masked},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: uint32(len(addr)), Mask: net.CIDRMask(bits, len(addr)*8), Xor: make([]byte, len(addr))},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr},
 	}
 }
 
@@ -227,5 +224,3 @@ func connmarkTarget(ctmark, ctmask, nfmask uint32, mode byte) *xt.Unknown {
 func hostU32[T int | uint32](v T) []byte {
 	return binary.NativeEndian.AppendUint32(nil, uint32(v))
 }
-
-func ptr[T any](v T) *T { return &v }

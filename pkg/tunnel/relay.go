@@ -223,32 +223,29 @@ type source struct {
 
 func newSource(r io.Reader) (*source, error) {
 	s := &source{r: r}
-	var sc syscall.Conn
 	switch c := r.(type) {
 	case *net.TCPConn:
-		sc = c
 		raw, err := newRawSocket(c)
 		if err != nil {
 			return nil, err
 		}
-		s.raw = raw
+		s.raw, s.rc = raw, raw.rc
 	case *tls.Conn:
 		if w, ok := c.NetConn().(interface{ tcpConn() (*net.TCPConn, bool) }); ok {
 			if tc, ok := w.tcpConn(); ok {
-				sc, s.tls = tc, c
+				rc, err := tc.SyscallConn()
+				if err != nil {
+					return nil, err
+				}
+				s.rc, s.tls = rc, c
 			}
 		}
 	}
-	if sc == nil {
+	if s.rc == nil {
 		b := make([]byte, smallBufSize)
 		s.small = &b
 		return s, nil
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
-	s.rc = rc
 	s.try, s.count = s.tryRead, s.countQueued
 	return s, nil
 }
