@@ -332,6 +332,9 @@ func healthHandler(ag *agent.Agent, proxy *tunnel.Proxy, pods *kube.Pods) http.H
 		fmt.Fprintf(w, "# HELP meshless_connections_total Connections proxied, ended.\n# TYPE meshless_connections_total counter\nmeshless_connections_total %d\n", s.Total.Load())
 		fmt.Fprintf(w, "# HELP meshless_connections_failed_total Connections refused or failed.\n# TYPE meshless_connections_failed_total counter\nmeshless_connections_failed_total %d\n", s.Failed.Load())
 		fmt.Fprintf(w, "# HELP meshless_connections_plaintext_total Connections carried in plaintext (egress outside the mesh, permissive inbound).\n# TYPE meshless_connections_plaintext_total counter\nmeshless_connections_plaintext_total %d\n", s.Plaintext.Load())
+		lent, denied := tunnel.BulkBuffers()
+		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_lent Large relay buffers lent to streaming connections now.\n# TYPE meshless_relay_bulk_buffers_lent gauge\nmeshless_relay_bulk_buffers_lent %d\n", lent)
+		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_denied_total Times a streaming connection got a one-record buffer because the large buffers' memory budget was spent.\n# TYPE meshless_relay_bulk_buffers_denied_total counter\nmeshless_relay_bulk_buffers_denied_total %d\n", denied)
 	})
 	return mux
 }

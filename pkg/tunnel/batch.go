@@ -8,7 +8,7 @@ import (
 
 // batchConn is the TCP connection under a relay's tls.Conn. crypto/tls sends every record with a
 // write of its own, and with TCP_NODELAY every write leaves at once as packets of its own. While a
-// relay writes its large buffer (up to four records), batchConn gathers the records and sends them
+// relay writes its large buffer (up to sixteen records), batchConn gathers the records and sends them
 // with one write.
 type batchConn struct {
 	*net.TCPConn
@@ -21,7 +21,7 @@ type batchConn struct {
 }
 
 // batchBufs hold the records of one large write: its plaintext plus each record's header and tag.
-var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, largeBufSize+largeBufSize/tlsRecordMax*recordOverhead); return &b }}
+var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, batchBufSize); return &b }}
 
 func (c *batchConn) Write(p []byte) (int, error) {
 	c.mu.Lock()

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -23,22 +24,75 @@ type stream interface {
 // Each direction of a relay reads into a small buffer of its own, which is all that an idle or
 // interactive connection holds, and borrows a large pooled one while data streams. A read of at
 // least a TLS record's plaintext (crypto/tls returns at most one record per Read) counts as
-// streaming. The large buffer holds four records: a read from the app then fills four whole
-// records, sent with one write (see batchConn), and a TLS source whose socket already holds more
-// records reads them all before the relay writes (see readMore). Fewer, larger writes mean fewer
-// packets, and each packet costs at every netfilter hook, bridge and TCP stack it crosses.
+// streaming. The large buffer holds sixteen records: a read from the app then fills up to sixteen
+// whole records, sent with one write (see batchConn), and a TLS source whose socket already holds
+// more records reads them all before the relay writes (see readMore). Fewer, larger writes mean
+// fewer system calls, fewer wake-ups of the process at the other end and fewer packets, and each
+// packet costs at every netfilter hook, bridge and TCP stack it crosses.
 const (
-	smallBufSize = 2 << 10
-	tlsRecordMax = 16 << 10
-	largeBufSize = 4 * tlsRecordMax
+	smallBufSize  = 2 << 10
+	tlsRecordMax  = 16 << 10
+	largeRecords  = 16
+	largeBufSize  = largeRecords * tlsRecordMax
+	batchBufSize  = largeBufSize + largeRecords*recordOverhead
+	recordBufSize = tlsRecordMax
 	// recordOverhead bounds what a record adds to its plaintext on the wire: header and tag.
 	recordOverhead = 5 + 256
 )
 
 var (
-	smallBufs = sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
-	largeBufs = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
+	smallBufs  = sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
+	largeBufs  = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
+	recordBufs = sync.Pool{New: func() any { b := make([]byte, recordBufSize); return &b }}
 )
+
+// bulkBudget bounds the memory of the large buffers lent at once, with the batch buffer each one
+// brings (see batchConn): a quarter of the DaemonSet's 256 MiB limit, about 120 streaming
+// directions. Past it a relay streams through a one-record buffer, with more system calls per
+// byte, instead of taking the daemon towards its memory limit, where an OOM kill would cut every
+// pod on the node off the network.
+const bulkBudget = 64 << 20
+
+// bulk lends the relays their large buffers within bulkBudget.
+var bulk = newBulkBuffers(bulkBudget / (largeBufSize + batchBufSize))
+
+type bulkBuffers struct {
+	max    atomic.Int64 // large buffers that may be lent at once
+	lent   atomic.Int64
+	denied atomic.Int64
+}
+
+func newBulkBuffers(max int64) *bulkBuffers {
+	b := new(bulkBuffers)
+	b.max.Store(max)
+	return b
+}
+
+// take lends a large buffer, or a one-record buffer once max large ones are lent.
+func (b *bulkBuffers) take() *[]byte {
+	if b.lent.Add(1) <= b.max.Load() {
+		return largeBufs.Get().(*[]byte)
+	}
+	b.lent.Add(-1)
+	b.denied.Add(1)
+	return recordBufs.Get().(*[]byte)
+}
+
+// give takes back a buffer that take lent.
+func (b *bulkBuffers) give(buf *[]byte) {
+	if len(*buf) == largeBufSize {
+		largeBufs.Put(buf)
+		b.lent.Add(-1)
+		return
+	}
+	recordBufs.Put(buf)
+}
+
+// BulkBuffers reports the relays' large buffers: how many are lent now, and how many times a relay
+// that began to stream got a one-record buffer instead because the budget was spent.
+func BulkBuffers() (lent, denied int64) {
+	return bulk.lent.Load(), bulk.denied.Load()
+}
 
 // relay copies client->server and server->client until both directions have
 // ended. A clean end of one direction is passed on as a half-close, so
@@ -123,7 +177,7 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 	fresh := false
 	defer func() {
 		if large != nil {
-			largeBufs.Put(large)
+			bulk.give(large)
 		}
 	}()
 	var written int64
@@ -142,7 +196,7 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 				nr += m
 			}
 			if errors.Is(rerr, errIdle) {
-				largeBufs.Put(large)
+				bulk.give(large)
 				large = nil
 				continue
 			}
@@ -177,9 +231,9 @@ func copyAdaptive(dst io.Writer, src io.Reader) (int64, error) {
 		}
 		switch {
 		case large == nil && nr == smallBufSize:
-			large, fresh = largeBufs.Get().(*[]byte), true
+			large, fresh = bulk.take(), true
 		case large != nil && nr < tlsRecordMax && !fresh:
-			largeBufs.Put(large)
+			bulk.give(large)
 			large = nil
 		default:
 			fresh = false

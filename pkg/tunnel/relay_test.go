@@ -306,6 +306,24 @@ func TestRelayTLSSourceIdle(t *testing.T) {
 // A bulk transfer through the TLS side of a relay comes back byte-exact both ways, across every
 // buffer mode: the app's writes vary in size, and the echo runs while the upload still goes on.
 func TestRelayTLSBulkEcho(t *testing.T) {
+	bulkEcho(t)
+}
+
+// Once the large buffers' budget is spent, relays stream through one-record buffers and lose
+// nothing.
+func TestRelayTLSBulkEchoBeyondBudget(t *testing.T) {
+	defer func(max int64) { bulk.max.Store(max) }(bulk.max.Load())
+	bulk.max.Store(0)
+	denied := bulk.denied.Load()
+	bulkEcho(t)
+	if bulk.denied.Load() == denied {
+		t.Fatal("no relay streamed without a large buffer")
+	}
+}
+
+// bulkEcho sends 24 MiB through a relay's TLS side to an echo and checks what comes back.
+func bulkEcho(t *testing.T) {
+	t.Helper()
 	// Deadlines that run out in the middle of the transfer, as they do in a long one.
 	defer func(d time.Duration) { idleAfter = d }(idleAfter)
 	idleAfter = time.Millisecond
@@ -317,7 +335,7 @@ func TestRelayTLSBulkEcho(t *testing.T) {
 	data := make([]byte, 24<<20)
 	mrand.NewChaCha8([32]byte{1}).Read(data)
 	go func() {
-		for off, size := 0, 1; off < len(data); size = size*7%(200<<10) + 1 {
+		for off, size := 0, 1; off < len(data); size = size*7%(600<<10) + 1 {
 			end := min(off+size, len(data))
 			if _, err := client.Write(data[off:end]); err != nil {
 				return
@@ -335,5 +353,28 @@ func TestRelayTLSBulkEcho(t *testing.T) {
 	}
 	if err := waitDone(t, done, "relay"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The budget lends at most max large buffers at once, a one-record buffer past it, and counts
+// every refusal.
+func TestBulkBuffersBudget(t *testing.T) {
+	b := newBulkBuffers(1)
+	first, second := b.take(), b.take()
+	if len(*first) != largeBufSize || len(*second) != recordBufSize {
+		t.Fatalf("lent buffers of %d and %d bytes, want %d and %d", len(*first), len(*second), largeBufSize, recordBufSize)
+	}
+	if lent, denied := b.lent.Load(), b.denied.Load(); lent != 1 || denied != 1 {
+		t.Fatalf("lent %d, denied %d; want 1 and 1", lent, denied)
+	}
+	b.give(second)
+	b.give(first)
+	if lent := b.lent.Load(); lent != 0 {
+		t.Fatalf("lent %d after both came back, want 0", lent)
+	}
+	third := b.take()
+	defer b.give(third)
+	if len(*third) != largeBufSize {
+		t.Fatalf("lent a buffer of %d bytes once the large one came back, want %d", len(*third), largeBufSize)
 	}
 }
