@@ -44,16 +44,20 @@ func TestHealthLineCountsSinceTheLastLine(t *testing.T) {
 	}
 	ag.Restore()
 	stats := &tunnel.Stats{}
-	hr := &healthReporter{agent: ag, stats: stats, counts: counts, log: slog.New(h)}
+	var bulkLent, bulkDenied int64
+	hr := &healthReporter{agent: ag, stats: stats, counts: counts, log: slog.New(h),
+		bulk: func() (int64, int64) { return bulkLent, bulkDenied }}
 	ctx := context.Background()
 
 	stats.Total.Add(7)
 	stats.Failed.Add(2)
 	stats.Open.Add(3)
+	bulkLent, bulkDenied = 2, 5
 	log.Error("something broke", "reason", "test")
 	log.Warn("something odd", "reason", "test")
 	hr.report(ctx)
 	stats.Total.Add(1)
+	bulkLent, bulkDenied = 0, 6
 	hr.report(ctx)
 
 	lines := healthLines(t, &buf)
@@ -61,8 +65,8 @@ func TestHealthLineCountsSinceTheLastLine(t *testing.T) {
 		t.Fatalf("%d health lines, want 2:\n%s", len(lines), buf.String())
 	}
 	want := []map[string]any{
-		{"level": "WARN", "ready": true, "connections": 7.0, "connections_failed": 2.0, "connections_open": 3.0, "errors": 1.0, "warnings": 1.0, "pods_enrolled": 0.0},
-		{"level": "INFO", "ready": true, "connections": 1.0, "connections_failed": 0.0, "connections_open": 3.0, "errors": 0.0, "warnings": 0.0, "certificates": 0.0},
+		{"level": "WARN", "ready": true, "connections": 7.0, "connections_failed": 2.0, "connections_open": 3.0, "errors": 1.0, "warnings": 1.0, "pods_enrolled": 0.0, "bulk_buffers_lent": 2.0, "bulk_buffers_denied": 5.0},
+		{"level": "INFO", "ready": true, "connections": 1.0, "connections_failed": 0.0, "connections_open": 3.0, "errors": 0.0, "warnings": 0.0, "certificates": 0.0, "bulk_buffers_lent": 0.0, "bulk_buffers_denied": 1.0},
 	}
 	for i, w := range want {
 		for k, v := range w {

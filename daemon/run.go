@@ -274,7 +274,7 @@ func runCmd(args []string, stdout io.Writer) error {
 		"pods_reattached", restored},
 		f.tls.logAttrs()...)...)
 	if f.healthEvery > 0 {
-		hr := &healthReporter{agent: ag, stats: proxy.Stats(), svids: source, counts: counts, log: slog.New(h)}
+		hr := &healthReporter{agent: ag, stats: proxy.Stats(), svids: source, counts: counts, bulk: tunnel.BulkBuffers, log: slog.New(h)}
 		go hr.run(ctx, f.healthEvery)
 	}
 
