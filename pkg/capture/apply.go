@@ -190,7 +190,7 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 	// The policy routing goes in while the first family's restore program works: it is a few
 	// netlink calls, and the route points at lo, which the kernel only accepts while lo is up.
 	routing := func() error {
-		if err := ensureLoopbackUp(); err != nil {
+		if err := prepareLoopback(); err != nil {
 			return err
 		}
 		for _, t := range tools {

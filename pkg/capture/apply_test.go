@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 )
 
 var backends = []Backend{Legacy, NFT}
@@ -67,6 +68,33 @@ func assertRouting(t *testing.T, netns string, family int, want bool) {
 	}
 }
 
+// assertLoopbackGSO checks that lo in the netns at path builds packets up to loopbackGSOMax, for
+// IPv6 and, where the kernel has the IPv4 limit (Linux 6.3), for IPv4.
+func assertLoopbackGSO(t *testing.T, path string) {
+	t.Helper()
+	var attrs *netlink.LinkAttrs
+	err := ns.WithNetNSPath(path, func(ns.NetNS) error {
+		lo, err := netlink.LinkByName("lo")
+		if err == nil {
+			attrs = lo.Attrs()
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if attrs.TSOMaxSize < loopbackGSOMax {
+		t.Logf("lo takes packets of %d bytes at most on this kernel; GSO limits not checked", attrs.TSOMaxSize)
+		return
+	}
+	if attrs.GSOMaxSize != loopbackGSOMax {
+		t.Errorf("lo gso_max_size = %d, want %d", attrs.GSOMaxSize, loopbackGSOMax)
+	}
+	if attrs.GSOIPv4MaxSize != 0 && attrs.GSOIPv4MaxSize != loopbackGSOMax {
+		t.Errorf("lo gso_ipv4_max_size = %d, want %d", attrs.GSOIPv4MaxSize, loopbackGSOMax)
+	}
+}
+
 func TestApplyCheckRemove(t *testing.T) {
 	needRoot(t)
 	for _, b := range backends {
@@ -91,6 +119,7 @@ func TestApplyCheckRemove(t *testing.T) {
 				assertInstalledOnce(t, save(t, netns, b, family), c, family)
 				assertRouting(t, netns, family, true)
 			}
+			assertLoopbackGSO(t, path)
 			if err := Check(path, c); err != nil {
 				t.Fatalf("Check after Apply: %v", err)
 			}

@@ -77,11 +77,13 @@ func listLocalRoutes(family int, lo netlink.Link) ([]netlink.Route, error) {
 	return out, nil
 }
 
-func ensureLoopbackUp() error {
+// prepareLoopback sets lo up and lets it carry large TCP packets (see raiseLoopbackGSO).
+func prepareLoopback() error {
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("find lo: %w", err)
 	}
+	raiseLoopbackGSO(lo)
 	if lo.Attrs().Flags&net.FlagUp != 0 {
 		return nil
 	}
@@ -89,6 +91,25 @@ func ensureLoopbackUp() error {
 		return fmt.Errorf("set lo up: %w", err)
 	}
 	return nil
+}
+
+// loopbackGSOMax is the largest TCP packet the pod's lo builds: a relay's large write (256 KiB),
+// where lo's default of 64 KiB cuts it into four. Both ends of the app's captured connections
+// are on lo (the app and the daemon's capture ports, then the daemon and the app), and every
+// packet costs at each netfilter hook and in both TCP stacks. Packets over 64 KiB are BIG TCP:
+// IPv6 since Linux 5.19, IPv4 since 6.3.
+const loopbackGSOMax = 256 << 10
+
+// raiseLoopbackGSO raises lo's GSO limits to loopbackGSOMax. An older kernel refuses a size over
+// 64 KiB, or ignores the IPv4 one; lo then keeps its default, which costs only speed, so the
+// errors are dropped.
+func raiseLoopbackGSO(lo netlink.Link) {
+	if lo.Attrs().GSOMaxSize < loopbackGSOMax {
+		_ = netlink.LinkSetGSOMaxSize(lo, loopbackGSOMax)
+	}
+	if lo.Attrs().GSOIPv4MaxSize < loopbackGSOMax {
+		_ = netlink.LinkSetGSOIPv4MaxSize(lo, loopbackGSOMax)
+	}
 }
 
 func applyRouting(family int) error {
