@@ -46,9 +46,9 @@ var (
 	recordBufs = sync.Pool{New: func() any { b := make([]byte, recordBufSize); return &b }}
 )
 
-// bulkBudget bounds the memory of the large buffers lent at once, with the batch buffer each one
-// brings (see batchConn): a quarter of the DaemonSet's 256 MiB limit, about 120 streaming
-// directions. Past it a relay streams through a one-record buffer, with more system calls per
+// bulkBudget bounds the memory of the large buffers lent at once, counting for each the batch
+// buffer it takes when its direction writes TLS (see batchConn): a quarter of the DaemonSet's
+// 256 MiB limit, about 120 streaming directions. Past it a relay streams through a one-record buffer, with more system calls per
 // byte, instead of taking the daemon towards its memory limit, where an OOM kill would cut every
 // pod on the node off the network.
 const bulkBudget = 64 << 20
