@@ -8,8 +8,8 @@ import (
 
 // batchConn is the TCP connection under a relay's tls.Conn. crypto/tls sends every record with a
 // write of its own, and with TCP_NODELAY every write leaves at once as packets of its own. While a
-// relay writes its large buffer (up to sixteen records), batchConn gathers the records and sends them
-// with one write.
+// relay writes its large buffer (up to sixteen records), batchConn gathers the records and sends
+// them with one write.
 type batchConn struct {
 	*net.TCPConn
 	// mu orders the writes: crypto/tls may write a record of its own (a KeyUpdate answer) from
