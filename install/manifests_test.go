@@ -296,6 +296,9 @@ func TestDaemonSet(t *testing.T) {
 	if e := env["NODE_NAME"]; e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "spec.nodeName" {
 		t.Error("NODE_NAME must come from spec.nodeName")
 	}
+	if e := env["GOMEMLIMIT"]; e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil || e.ValueFrom.ResourceFieldRef.Resource != "limits.memory" {
+		t.Error("GOMEMLIMIT must come from the container's limits.memory")
+	}
 	if e := env["HOST_IP"]; e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "status.hostIP" {
 		t.Error("HOST_IP must come from status.hostIP")
 	}

@@ -4,8 +4,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"math"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -46,15 +48,24 @@ var (
 	recordBufs = sync.Pool{New: func() any { b := make([]byte, recordBufSize); return &b }}
 )
 
-// bulkBudget bounds the memory of the large buffers lent at once, counting for each the batch
-// buffer it takes when its direction writes TLS (see batchConn): a quarter of the DaemonSet's
-// 256 MiB limit, about 120 streaming directions. Past it a relay streams through a one-record buffer, with more system calls per
+// bulkBudgetFor bounds the memory of the large buffers lent at once, counting for each the batch
+// buffer it takes when its direction writes TLS (see batchConn): a quarter of the memory limit
+// given to the Go runtime (GOMEMLIMIT, which the DaemonSet sets to the container's limit), or
+// defaultBulkBudget without one. With the DaemonSet's 256 MiB that is 64 MiB, about 120 streaming
+// directions. Past it a relay streams through a one-record buffer, with more system calls per
 // byte, instead of taking the daemon towards its memory limit, where an OOM kill would cut every
 // pod on the node off the network.
-const bulkBudget = 64 << 20
+func bulkBudgetFor(memoryLimit int64) int64 {
+	if memoryLimit == math.MaxInt64 {
+		return defaultBulkBudget
+	}
+	return memoryLimit / 4
+}
 
-// bulk lends the relays their large buffers within bulkBudget.
-var bulk = newBulkBuffers(bulkBudget / (largeBufSize + batchBufSize))
+const defaultBulkBudget = 64 << 20
+
+// bulk lends the relays their large buffers within the budget.
+var bulk = newBulkBuffers(bulkBudgetFor(debug.SetMemoryLimit(-1)) / (largeBufSize + batchBufSize))
 
 type bulkBuffers struct {
 	max    atomic.Int64 // large buffers that may be lent at once

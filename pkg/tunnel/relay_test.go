@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"io"
+	"math"
 	"math/big"
 	mrand "math/rand/v2"
 	"net"
@@ -353,6 +354,19 @@ func bulkEcho(t *testing.T) {
 	}
 	if err := waitDone(t, done, "relay"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The budget is a quarter of the runtime's memory limit, or the default without one.
+func TestBulkBudgetFor(t *testing.T) {
+	for _, tc := range []struct{ limit, want int64 }{
+		{math.MaxInt64, defaultBulkBudget},
+		{256 << 20, 64 << 20},
+		{1 << 30, 256 << 20},
+	} {
+		if got := bulkBudgetFor(tc.limit); got != tc.want {
+			t.Errorf("bulkBudgetFor(%d) = %d, want %d", tc.limit, got, tc.want)
+		}
 	}
 }
 
