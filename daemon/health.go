@@ -47,7 +47,7 @@ type healthReporter struct {
 	svids  meshtls.Source
 	counts countingHandler
 	// bulk reads the relays' large buffers (tunnel.BulkBuffers).
-	bulk func() (lent, denied int64)
+	bulk func() tunnel.BulkBufferStats
 	// log writes past counts: a health line at warn level must not count itself.
 	log *slog.Logger
 
@@ -75,7 +75,7 @@ func (h *healthReporter) report(ctx context.Context) {
 	st := h.agent.Status(ctx)
 	total, failed, plaintext := h.stats.Total.Load(), h.stats.Failed.Load(), h.stats.Plaintext.Load()
 	warnings, errs := h.counts.warnings.Load(), h.counts.errors.Load()
-	bulkLent, bulkDenied := h.bulk()
+	bulk := h.bulk()
 
 	certs, certErrors, overdue := 0, 0, 0
 	var earliest time.Time
@@ -102,7 +102,7 @@ func (h *healthReporter) report(ctx context.Context) {
 		"connections", total - h.last.total,
 		"connections_failed", failed - h.last.failed,
 		"connections_plaintext", plaintext - h.last.plaintext,
-		"bulk_buffers_lent", bulkLent, "bulk_buffers_denied", bulkDenied - h.last.bulkDenied,
+		"bulk_buffers_lent", bulk.Lent, "bulk_buffers_denied", bulk.Denied - h.last.bulkDenied,
 		"certificates", certs, "certificates_unavailable", certErrors, "certificates_renewal_overdue", overdue,
 		"errors", errs - h.last.errors, "warnings", warnings - h.last.warnings,
 	}
@@ -115,6 +115,6 @@ func (h *healthReporter) report(ctx context.Context) {
 		level = slog.LevelWarn
 	}
 	h.last.total, h.last.failed, h.last.plaintext, h.last.warnings, h.last.errors = total, failed, plaintext, warnings, errs
-	h.last.bulkDenied = bulkDenied
+	h.last.bulkDenied = bulk.Denied
 	h.log.Log(ctx, level, "meshlessd health", attrs...)
 }

@@ -44,20 +44,20 @@ func TestHealthLineCountsSinceTheLastLine(t *testing.T) {
 	}
 	ag.Restore()
 	stats := &tunnel.Stats{}
-	var bulkLent, bulkDenied int64
+	var bulk tunnel.BulkBufferStats
 	hr := &healthReporter{agent: ag, stats: stats, counts: counts, log: slog.New(h),
-		bulk: func() (int64, int64) { return bulkLent, bulkDenied }}
+		bulk: func() tunnel.BulkBufferStats { return bulk }}
 	ctx := context.Background()
 
 	stats.Total.Add(7)
 	stats.Failed.Add(2)
 	stats.Open.Add(3)
-	bulkLent, bulkDenied = 2, 5
+	bulk = tunnel.BulkBufferStats{Lent: 2, Max: 120, Denied: 5}
 	log.Error("something broke", "reason", "test")
 	log.Warn("something odd", "reason", "test")
 	hr.report(ctx)
 	stats.Total.Add(1)
-	bulkLent, bulkDenied = 0, 6
+	bulk = tunnel.BulkBufferStats{Lent: 0, Max: 120, Denied: 6}
 	hr.report(ctx)
 
 	lines := healthLines(t, &buf)

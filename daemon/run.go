@@ -271,7 +271,7 @@ func runCmd(args []string, stdout io.Writer) error {
 		"mesh_cidrs", f.meshCIDRs.String(), "excluded_namespaces", strings.Join(f.excludedNS, ","),
 		"iptables_backend", string(backend), "socket", f.socket, "identity_source", f.identity.source,
 		"health_addr", f.healthAddr, "health_interval", f.healthEvery.String(), "svid_ttl", f.svidTTL.String(),
-		"pods_reattached", restored},
+		"pods_reattached", restored, "bulk_buffers_max", tunnel.BulkBuffers().Max},
 		f.tls.logAttrs()...)...)
 	if f.healthEvery > 0 {
 		hr := &healthReporter{agent: ag, stats: proxy.Stats(), svids: source, counts: counts, bulk: tunnel.BulkBuffers, log: slog.New(h)}
@@ -332,9 +332,10 @@ func healthHandler(ag *agent.Agent, proxy *tunnel.Proxy, pods *kube.Pods) http.H
 		fmt.Fprintf(w, "# HELP meshless_connections_total Connections proxied, ended.\n# TYPE meshless_connections_total counter\nmeshless_connections_total %d\n", s.Total.Load())
 		fmt.Fprintf(w, "# HELP meshless_connections_failed_total Connections refused or failed.\n# TYPE meshless_connections_failed_total counter\nmeshless_connections_failed_total %d\n", s.Failed.Load())
 		fmt.Fprintf(w, "# HELP meshless_connections_plaintext_total Connections carried in plaintext (egress outside the mesh, permissive inbound).\n# TYPE meshless_connections_plaintext_total counter\nmeshless_connections_plaintext_total %d\n", s.Plaintext.Load())
-		lent, denied := tunnel.BulkBuffers()
-		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_lent Large relay buffers lent to streaming connections now.\n# TYPE meshless_relay_bulk_buffers_lent gauge\nmeshless_relay_bulk_buffers_lent %d\n", lent)
-		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_denied_total Times a streaming connection got a one-record buffer because the large buffers' memory budget was spent.\n# TYPE meshless_relay_bulk_buffers_denied_total counter\nmeshless_relay_bulk_buffers_denied_total %d\n", denied)
+		bulk := tunnel.BulkBuffers()
+		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_lent Large relay buffers lent to streaming connections now.\n# TYPE meshless_relay_bulk_buffers_lent gauge\nmeshless_relay_bulk_buffers_lent %d\n", bulk.Lent)
+		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_max Large relay buffers that the memory budget lets be lent at once.\n# TYPE meshless_relay_bulk_buffers_max gauge\nmeshless_relay_bulk_buffers_max %d\n", bulk.Max)
+		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_denied_total Times a streaming connection got a one-record buffer because the large buffers' memory budget was spent.\n# TYPE meshless_relay_bulk_buffers_denied_total counter\nmeshless_relay_bulk_buffers_denied_total %d\n", bulk.Denied)
 	})
 	return mux
 }

@@ -99,10 +99,14 @@ func (b *bulkBuffers) give(buf *[]byte) {
 	recordBufs.Put(buf)
 }
 
-// BulkBuffers reports the relays' large buffers: how many are lent now, and how many times a relay
-// that began to stream got a one-record buffer instead because the budget was spent.
-func BulkBuffers() (lent, denied int64) {
-	return bulk.lent.Load(), bulk.denied.Load()
+// BulkBufferStats describes the relays' large buffers: how many are lent now, how many may be lent
+// at once, and how many times a relay that began to stream got a one-record buffer instead because
+// the budget was spent.
+type BulkBufferStats struct{ Lent, Max, Denied int64 }
+
+// BulkBuffers reports the relays' large buffers.
+func BulkBuffers() BulkBufferStats {
+	return BulkBufferStats{Lent: bulk.lent.Load(), Max: bulk.max.Load(), Denied: bulk.denied.Load()}
 }
 
 // relay copies client->server and server->client until both directions have
