@@ -428,6 +428,7 @@ func (a *Agent) Close() {
 		}
 	}
 	clear(a.pods)
+	a.store.close()
 }
 
 // Identities returns the identities of the pods served, each once.

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/meshless/meshless/pkg/enroll"
@@ -45,6 +46,11 @@ type store struct {
 	// millisecond, more than the rest of an enrollment); the spare moves that search out of
 	// the pod's CNI ADD.
 	spare chan *os.File
+	// making counts the spares being made in the background; mu and closed stop new ones once
+	// close waits for them.
+	making sync.WaitGroup
+	mu     sync.Mutex
+	closed bool
 }
 
 // sparePrefix starts the names of files being written; load ignores them.
@@ -85,11 +91,24 @@ func (s *store) makeSpare() {
 func (s *store) tempFile() (*os.File, error) {
 	select {
 	case f := <-s.spare:
-		go s.makeSpare()
+		s.mu.Lock()
+		if !s.closed {
+			s.making.Go(s.makeSpare)
+		}
+		s.mu.Unlock()
 		return f, nil
 	default:
 		return os.CreateTemp(s.dir, sparePrefix+"*")
 	}
+}
+
+// close waits for the spare being made, if any, and makes no more: nothing writes in the directory
+// once it returns. Saves still work, creating their files themselves.
+func (s *store) close() {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.making.Wait()
 }
 
 func (s *store) path(containerID string) string {

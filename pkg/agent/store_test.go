@@ -27,6 +27,7 @@ func TestStoreSavesIntoTheSpare(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer s.close()
 	before := spares(t, s)
 	if len(before) != 1 {
 		t.Fatalf("spare files after newStore: %q, want one", before)
@@ -52,10 +53,12 @@ func TestStoreSpareRemovedUnderIt(t *testing.T) {
 		t.Fatal(err)
 	}
 	leftover := spares(t, first)
+	defer first.close()
 	second, err := newStore(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer second.close()
 	for _, f := range leftover {
 		if _, err := os.Stat(f); !os.IsNotExist(err) {
 			t.Errorf("leftover spare %s not cleared by the new store (%v)", f, err)
