@@ -190,11 +190,12 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 	// The policy routing goes in while the first family's restore program works: it is a few
 	// netlink calls, and the route points at lo, which the kernel only accepts while lo is up.
 	routing := func() error {
-		if err := prepareLoopback(); err != nil {
+		lo, err := prepareLoopback()
+		if err != nil {
 			return err
 		}
 		for _, t := range tools {
-			if err := applyRouting(t.family); err != nil {
+			if err := applyRouting(t.family, lo); err != nil {
 				return err
 			}
 		}

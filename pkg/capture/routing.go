@@ -77,20 +77,21 @@ func listLocalRoutes(family int, lo netlink.Link) ([]netlink.Route, error) {
 	return out, nil
 }
 
-// prepareLoopback sets lo up and lets it carry large TCP packets (see raiseLoopbackGSO).
-func prepareLoopback() error {
+// prepareLoopback sets lo up and lets it carry large TCP packets (see raiseLoopbackGSO), and
+// returns it for the policy routing's route.
+func prepareLoopback() (netlink.Link, error) {
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
-		return fmt.Errorf("find lo: %w", err)
+		return nil, fmt.Errorf("find lo: %w", err)
 	}
 	raiseLoopbackGSO(lo)
 	if lo.Attrs().Flags&net.FlagUp != 0 {
-		return nil
+		return lo, nil
 	}
 	if err := netlink.LinkSetUp(lo); err != nil {
-		return fmt.Errorf("set lo up: %w", err)
+		return nil, fmt.Errorf("set lo up: %w", err)
 	}
-	return nil
+	return lo, nil
 }
 
 // loopbackGSOMax is the largest TCP packet the pod's lo builds: a relay's large write (256 KiB),
@@ -112,7 +113,7 @@ func raiseLoopbackGSO(lo netlink.Link) {
 	}
 }
 
-func applyRouting(family int) error {
+func applyRouting(family int, lo netlink.Link) error {
 	rules, err := listPolicyRules(family)
 	if err != nil {
 		return err
@@ -121,10 +122,6 @@ func applyRouting(family int) error {
 		if err := netlink.RuleAdd(policyRule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("add IPv%d ip rule fwmark %#x/%#x lookup %d: %w", family, ConnMark, MarkMask, RouteTable, err)
 		}
-	}
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("find lo: %w", err)
 	}
 	if err := netlink.RouteReplace(localRoute(family, lo)); err != nil {
 		return fmt.Errorf("add IPv%d local default route to table %d: %w", family, RouteTable, err)

@@ -32,12 +32,11 @@ type stream interface {
 // fewer system calls, fewer wake-ups of the process at the other end and fewer packets, and each
 // packet costs at every netfilter hook, bridge and TCP stack it crosses.
 const (
-	smallBufSize  = 2 << 10
-	tlsRecordMax  = 16 << 10
-	largeRecords  = 16
-	largeBufSize  = largeRecords * tlsRecordMax
-	batchBufSize  = largeBufSize + largeRecords*recordOverhead
-	recordBufSize = tlsRecordMax
+	smallBufSize = 2 << 10
+	tlsRecordMax = 16 << 10
+	largeRecords = 16
+	largeBufSize = largeRecords * tlsRecordMax
+	batchBufSize = largeBufSize + largeRecords*recordOverhead
 	// recordOverhead bounds what a record adds to its plaintext on the wire: header and tag.
 	recordOverhead = 5 + 256
 )
@@ -45,7 +44,7 @@ const (
 var (
 	smallBufs  = sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
 	largeBufs  = sync.Pool{New: func() any { b := make([]byte, largeBufSize); return &b }}
-	recordBufs = sync.Pool{New: func() any { b := make([]byte, recordBufSize); return &b }}
+	recordBufs = sync.Pool{New: func() any { b := make([]byte, tlsRecordMax); return &b }}
 )
 
 // bulkBudgetFor bounds the memory of the large buffers lent at once, counting for each the batch

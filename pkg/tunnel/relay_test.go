@@ -375,8 +375,8 @@ func TestBulkBudgetFor(t *testing.T) {
 func TestBulkBuffersBudget(t *testing.T) {
 	b := newBulkBuffers(1)
 	first, second := b.take(), b.take()
-	if len(*first) != largeBufSize || len(*second) != recordBufSize {
-		t.Fatalf("lent buffers of %d and %d bytes, want %d and %d", len(*first), len(*second), largeBufSize, recordBufSize)
+	if len(*first) != largeBufSize || len(*second) != tlsRecordMax {
+		t.Fatalf("lent buffers of %d and %d bytes, want %d and %d", len(*first), len(*second), largeBufSize, tlsRecordMax)
 	}
 	if lent, denied := b.lent.Load(), b.denied.Load(); lent != 1 || denied != 1 {
 		t.Fatalf("lent %d, denied %d; want 1 and 1", lent, denied)
