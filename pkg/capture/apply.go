@@ -110,7 +110,7 @@ func prepare(c Config) (Config, []familyTools, error) {
 // applyFamily) together with whichever jumps are missing, so a pod is never half captured and
 // applying twice leaves exactly one copy of everything. Concurrent Apply calls on the same netns
 // are not supported (the runtime serialises the CNI calls of one pod). The families are
-// independent and go in side by side, the policy routing while a restore program works: a pod's
+// independent and go in side by side, and the policy routing beside them: a pod's
 // ADD waits for the slowest, not for the sum.
 func Apply(nsPath string, c Config) error {
 	_, err := start(nsPath, c, known(c.NodeIPs)).Finish()
@@ -185,41 +185,28 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 		close(in.done)
 		return in
 	}
-	errs := make([]error, len(tools))
-	freshes := make([]bool, len(tools))
-	// The policy routing goes in while the first family's restore program works: it is a few
-	// netlink calls, and the route points at lo, which the kernel only accepts while lo is up.
-	routing := func() error {
-		lo, err := prepareLoopback()
-		if err != nil {
-			return err
-		}
-		for _, t := range tools {
-			if err := applyRouting(t.family, lo); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
 	netns, err := ns.GetNS(nsPath)
 	if err != nil {
 		in.err = fmt.Errorf("install capture in netns %s: %w", nsPath, err)
 		close(in.done)
 		return in
 	}
+	errs := make([]error, len(tools)+1)
+	freshes := make([]bool, len(tools))
 	var wg, started sync.WaitGroup
 	started.Add(len(tools))
 	for i, t := range tools {
-		meanwhile := routing
-		if i > 0 {
-			meanwhile = nil
-		}
 		wg.Go(func() {
 			once := sync.OnceFunc(started.Done)
 			defer once() // when the netns cannot be entered
-			freshes[i], errs[i] = applyFamily(netns, t, c, addrs, meanwhile, once)
+			freshes[i], errs[i] = applyFamily(netns, t, c, addrs, once)
 		})
 	}
+	// The policy routing is a few rtnetlink requests, independent of the chains: it goes in
+	// beside them.
+	wg.Go(func() {
+		errs[len(tools)] = netns.Do(func(ns.NetNS) error { return applyRouting(tools) })
+	})
 	go func() {
 		wg.Wait()
 		_ = netns.Close()
@@ -238,16 +225,32 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 	return in
 }
 
+// applyRouting puts in the policy routing of every family of tools, in the calling thread's
+// netns. The route points at lo, which the kernel only accepts while lo is up.
+func applyRouting(tools []familyTools) error {
+	r, err := openRouting()
+	if err != nil {
+		return err
+	}
+	defer r.close()
+	lo, err := r.prepareLoopback()
+	if err != nil {
+		return err
+	}
+	for _, t := range tools {
+		if err := r.apply(t.family, lo); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // applyFamily writes one family's chains and missing jumps into netns in one transaction. When
 // the netns holds neither a nat nor a mangle table (a new pod's), every jump is missing, and with
 // the nft backend the rules go in over netlink, with no program (writeNFT). Otherwise
-// applyWithPrograms writes them. meanwhile, unless nil, runs in the netns too (while a program
-// works, if there is one). started is called once a program runs, or the slower way begins.
-// fresh reports whether the netns held neither table.
-func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error, started func()) (fresh bool, err error) {
-	if meanwhile == nil {
-		meanwhile = func() error { return nil }
-	}
+// applyWithPrograms writes them. started is called once a program runs, or the slower way
+// begins. fresh reports whether the netns held neither table.
+func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, started func()) (fresh bool, err error) {
 	if t.backend == NFT {
 		if conn, err := nftIn(netns); err == nil {
 			defer func() { _ = conn.CloseLasting() }()
@@ -256,14 +259,13 @@ func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, mean
 				if err != nil {
 					return true, err
 				}
-				werr := writeNFT(conn, chains(c, t.family), t.family)
-				return true, errors.Join(werr, netns.Do(func(ns.NetNS) error { return meanwhile() }))
+				return true, writeNFT(conn, chains(c, t.family), t.family)
 			}
 		}
 	}
 	// Programs started from this goroutine inherit its thread's netns.
 	err = netns.Do(func(ns.NetNS) error {
-		fresh, err = applyWithPrograms(t, c, addrs, meanwhile, started)
+		fresh, err = applyWithPrograms(t, c, addrs, started)
 		return err
 	})
 	return fresh, err
@@ -275,7 +277,7 @@ func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, mean
 // program run per question, and each run is milliseconds of a pod's CNI ADD.) In a new pod's
 // netns the restore program starts at once and gets its input when the node's addresses are
 // known: starting a program is most of its cost.
-func applyWithPrograms(t familyTools, c Config, addrs *nodeAddrs, meanwhile func() error, started func()) (fresh bool, err error) {
+func applyWithPrograms(t familyTools, c Config, addrs *nodeAddrs, started func()) (fresh bool, err error) {
 	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
 		r, err := t.startRestore()
 		started()
@@ -288,15 +290,9 @@ func applyWithPrograms(t familyTools, c Config, addrs *nodeAddrs, meanwhile func
 			return true, err
 		}
 		chs := chains(c, t.family)
-		// The program commits while meanwhile runs.
-		ferr := r.feed(restoreInput(chs, chs))
-		merr := meanwhile()
-		return true, errors.Join(r.wait(ferr), merr)
+		return true, r.wait(r.feed(restoreInput(chs, chs)))
 	}
 	started()
-	if err := meanwhile(); err != nil {
-		return false, err
-	}
 	saved, err := t.runSave()
 	if err != nil {
 		return false, err
@@ -424,13 +420,18 @@ func Check(nsPath string, c Config) error {
 	}
 	var problems []error
 	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		r, err := openRouting()
+		if err != nil {
+			return err
+		}
+		defer r.close()
 		for _, t := range tools {
 			ps, err := checkFamily(t, c)
 			if err != nil {
 				return err
 			}
 			problems = append(problems, ps...)
-			ps, err = checkRouting(t.family)
+			ps, err = r.check(t.family)
 			if err != nil {
 				return err
 			}
@@ -539,11 +540,16 @@ func Remove(nsPath string, c Config) error {
 	}
 	var problems []error
 	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		r, err := openRouting()
+		if err != nil {
+			return err
+		}
+		defer r.close()
 		for _, t := range tools {
 			if err := removeFamily(t, c); err != nil {
 				problems = append(problems, err)
 			}
-			if err := removeRouting(t.family); err != nil {
+			if err := r.remove(t.family); err != nil {
 				problems = append(problems, err)
 			}
 		}

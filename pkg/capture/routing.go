@@ -10,6 +10,23 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// routing is the policy routing of the netns its caller's thread is in when it is opened. All
+// its requests go over one rtnetlink socket made there: the package-level netlink functions
+// would open and close a socket for each of the handful of requests a pod's routing takes.
+type routing struct {
+	h netlinksafe.Handle
+}
+
+func openRouting() (*routing, error) {
+	h, err := netlinksafe.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("open rtnetlink: %w", err)
+	}
+	return &routing{h: h}, nil
+}
+
+func (r *routing) close() { r.h.Close() }
+
 func netlinkFamily(family int) int {
 	if family == 6 {
 		return netlink.FAMILY_V6
@@ -31,8 +48,8 @@ func policyRule(family int) *netlink.Rule {
 
 const ruleFilter = netlink.RT_FILTER_PRIORITY | netlink.RT_FILTER_TABLE | netlink.RT_FILTER_MARK | netlink.RT_FILTER_MASK
 
-func listPolicyRules(family int) ([]netlink.Rule, error) {
-	rules, err := netlinksafe.RuleListFiltered(netlinkFamily(family), policyRule(family), ruleFilter)
+func (r *routing) listPolicyRules(family int) ([]netlink.Rule, error) {
+	rules, err := r.h.RuleListFiltered(netlinkFamily(family), policyRule(family), ruleFilter)
 	if err != nil {
 		return nil, fmt.Errorf("list IPv%d ip rules: %w", family, err)
 	}
@@ -57,21 +74,21 @@ func localRoute(family int, lo netlink.Link) *netlink.Route {
 }
 
 // listLocalRoutes returns the routes of RouteTable that do what localRoute does.
-func listLocalRoutes(family int, lo netlink.Link) ([]netlink.Route, error) {
+func (r *routing) listLocalRoutes(family int, lo netlink.Link) ([]netlink.Route, error) {
 	filter := &netlink.Route{Table: RouteTable}
-	routes, err := netlinksafe.RouteListFiltered(netlinkFamily(family), filter, netlink.RT_FILTER_TABLE)
+	routes, err := r.h.RouteListFiltered(netlinkFamily(family), filter, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("list IPv%d routes of table %d: %w", family, RouteTable, err)
 	}
 	var out []netlink.Route
-	for _, r := range routes {
-		isDefault := r.Dst == nil
-		if r.Dst != nil {
-			ones, _ := r.Dst.Mask.Size()
+	for _, rt := range routes {
+		isDefault := rt.Dst == nil
+		if rt.Dst != nil {
+			ones, _ := rt.Dst.Mask.Size()
 			isDefault = ones == 0
 		}
-		if r.Type == unix.RTN_LOCAL && r.LinkIndex == lo.Attrs().Index && isDefault {
-			out = append(out, r)
+		if rt.Type == unix.RTN_LOCAL && rt.LinkIndex == lo.Attrs().Index && isDefault {
+			out = append(out, rt)
 		}
 	}
 	return out, nil
@@ -79,16 +96,16 @@ func listLocalRoutes(family int, lo netlink.Link) ([]netlink.Route, error) {
 
 // prepareLoopback sets lo up and lets it carry large TCP packets (see raiseLoopbackGSO), and
 // returns it for the policy routing's route.
-func prepareLoopback() (netlink.Link, error) {
-	lo, err := netlink.LinkByName("lo")
+func (r *routing) prepareLoopback() (netlink.Link, error) {
+	lo, err := r.h.LinkByName("lo")
 	if err != nil {
 		return nil, fmt.Errorf("find lo: %w", err)
 	}
-	raiseLoopbackGSO(lo)
+	r.raiseLoopbackGSO(lo)
 	if lo.Attrs().Flags&net.FlagUp != 0 {
 		return lo, nil
 	}
-	if err := netlink.LinkSetUp(lo); err != nil {
+	if err := r.h.LinkSetUp(lo); err != nil {
 		return nil, fmt.Errorf("set lo up: %w", err)
 	}
 	return lo, nil
@@ -104,34 +121,34 @@ const loopbackGSOMax = 256 << 10
 // raiseLoopbackGSO raises lo's GSO limits to loopbackGSOMax. An older kernel refuses a size over
 // 64 KiB, or ignores the IPv4 one; lo then keeps its default, which costs only speed, so the
 // errors are dropped.
-func raiseLoopbackGSO(lo netlink.Link) {
+func (r *routing) raiseLoopbackGSO(lo netlink.Link) {
 	if lo.Attrs().GSOMaxSize < loopbackGSOMax {
-		_ = netlink.LinkSetGSOMaxSize(lo, loopbackGSOMax)
+		_ = r.h.LinkSetGSOMaxSize(lo, loopbackGSOMax)
 	}
 	if lo.Attrs().GSOIPv4MaxSize < loopbackGSOMax {
-		_ = netlink.LinkSetGSOIPv4MaxSize(lo, loopbackGSOMax)
+		_ = r.h.LinkSetGSOIPv4MaxSize(lo, loopbackGSOMax)
 	}
 }
 
-func applyRouting(family int, lo netlink.Link) error {
-	rules, err := listPolicyRules(family)
+func (r *routing) apply(family int, lo netlink.Link) error {
+	rules, err := r.listPolicyRules(family)
 	if err != nil {
 		return err
 	}
 	if len(rules) == 0 {
-		if err := netlink.RuleAdd(policyRule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
+		if err := r.h.RuleAdd(policyRule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("add IPv%d ip rule fwmark %#x/%#x lookup %d: %w", family, ConnMark, MarkMask, RouteTable, err)
 		}
 	}
-	if err := netlink.RouteReplace(localRoute(family, lo)); err != nil {
+	if err := r.h.RouteReplace(localRoute(family, lo)); err != nil {
 		return fmt.Errorf("add IPv%d local default route to table %d: %w", family, RouteTable, err)
 	}
 	return nil
 }
 
 // checkRouting returns the problems of one family's policy routing; err is for failures to look.
-func checkRouting(family int) (problems []error, err error) {
-	rules, err := listPolicyRules(family)
+func (r *routing) check(family int) (problems []error, err error) {
+	rules, err := r.listPolicyRules(family)
 	if err != nil {
 		return nil, err
 	}
@@ -139,11 +156,11 @@ func checkRouting(family int) (problems []error, err error) {
 		problems = append(problems, fmt.Errorf("IPv%d ip rule fwmark %#x/%#x lookup %d pref %d is missing",
 			family, ConnMark, MarkMask, RouteTable, RulePriority))
 	}
-	lo, err := netlink.LinkByName("lo")
+	lo, err := r.h.LinkByName("lo")
 	if err != nil {
 		return nil, fmt.Errorf("find lo: %w", err)
 	}
-	routes, err := listLocalRoutes(family, lo)
+	routes, err := r.listLocalRoutes(family, lo)
 	if err != nil {
 		return nil, err
 	}
@@ -153,26 +170,26 @@ func checkRouting(family int) (problems []error, err error) {
 	return problems, nil
 }
 
-func removeRouting(family int) error {
-	rules, err := listPolicyRules(family)
+func (r *routing) remove(family int) error {
+	rules, err := r.listPolicyRules(family)
 	if err != nil {
 		return err
 	}
 	for i := range rules {
-		if err := netlink.RuleDel(&rules[i]); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := r.h.RuleDel(&rules[i]); err != nil && !errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("delete IPv%d ip rule %s: %w", family, rules[i], err)
 		}
 	}
-	lo, err := netlink.LinkByName("lo")
+	lo, err := r.h.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("find lo: %w", err)
 	}
-	routes, err := listLocalRoutes(family, lo)
+	routes, err := r.listLocalRoutes(family, lo)
 	if err != nil {
 		return err
 	}
 	for i := range routes {
-		if err := netlink.RouteDel(&routes[i]); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err := r.h.RouteDel(&routes[i]); err != nil && !errors.Is(err, unix.ESRCH) {
 			return fmt.Errorf("delete IPv%d route %s: %w", family, routes[i], err)
 		}
 	}
