@@ -139,7 +139,10 @@ type Row struct {
 	Variant string
 	Role    Role
 	Median  float64
-	Runs    int
+	// Min and Max are the lowest and highest of the runs (NaN for none): how far the median's
+	// runs spread on this machine, which tells a real difference between variants from noise.
+	Min, Max float64
+	Runs     int
 	// VsBaseline and VsBestRef are Median divided by the baseline's and the best reference's
 	// medians (NaN when not applicable); BestRef names that reference.
 	VsBaseline, VsBestRef float64
@@ -173,9 +176,14 @@ func (r *Report) Rows() [][]Row {
 			if v.Role == Baseline && m.NoBaseline {
 				continue
 			}
+			samples := r.Samples[m.ID][v.Name]
+			lo, hi := math.NaN(), math.NaN()
+			if len(samples) > 0 {
+				lo, hi = slices.Min(samples), slices.Max(samples)
+			}
 			rows = append(rows, Row{
-				Metric: m, Variant: v.Name, Role: v.Role, Median: x,
-				Runs:       len(r.Samples[m.ID][v.Name]),
+				Metric: m, Variant: v.Name, Role: v.Role, Median: x, Min: lo, Max: hi,
+				Runs:       len(samples),
 				VsBaseline: Ratio(x, base), VsBestRef: Ratio(x, best), BestRef: bestName,
 			})
 		}
@@ -240,6 +248,14 @@ func num(v float64) string {
 	}
 }
 
+// spread formats a row's lowest and highest run.
+func spread(row Row) string {
+	if math.IsNaN(row.Min) {
+		return "-"
+	}
+	return num(row.Min) + " – " + num(row.Max)
+}
+
 func ratio(v float64) string {
 	if math.IsNaN(v) {
 		return "-"
@@ -278,14 +294,14 @@ func verdict(t TargetResult) string {
 // WriteText prints the report as aligned plain-text tables.
 func (r *Report) WriteText(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "workload\tvariant\tmedian\tvs plaintext\tvs best reference\truns")
+	fmt.Fprintln(tw, "workload\tvariant\tmedian\trange of runs\tvs plaintext\tvs best reference\truns")
 	for _, rows := range r.Rows() {
 		for i, row := range rows {
 			name := ""
 			if i == 0 {
 				name = fmt.Sprintf("%s (%s, %s)", row.Metric.Name, row.Metric.Unit, direction(row.Metric))
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\n", name, row.Variant, num(row.Median), ratio(row.VsBaseline), ratio(row.VsBestRef), row.Runs)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\n", name, row.Variant, num(row.Median), spread(row), ratio(row.VsBaseline), ratio(row.VsBestRef), row.Runs)
 		}
 	}
 	if err := tw.Flush(); err != nil {
@@ -339,14 +355,14 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 	for _, v := range r.Variants {
 		fmt.Fprintf(&b, "| %s | %s | %s |\n", v.Name, v.Role, v.Detail)
 	}
-	b.WriteString("\n| workload | variant | median | vs plaintext | vs best reference | runs |\n| --- | --- | ---: | ---: | ---: | ---: |\n")
+	b.WriteString("\n| workload | variant | median | range of runs | vs plaintext | vs best reference | runs |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
 	for _, rows := range r.Rows() {
 		for i, row := range rows {
 			name := ""
 			if i == 0 {
 				name = fmt.Sprintf("%s (%s, %s)", row.Metric.Name, row.Metric.Unit, direction(row.Metric))
 			}
-			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %d |\n", name, row.Variant, num(row.Median), ratio(row.VsBaseline), ratio(row.VsBestRef), row.Runs)
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %d |\n", name, row.Variant, num(row.Median), spread(row), ratio(row.VsBaseline), ratio(row.VsBestRef), row.Runs)
 		}
 	}
 	if len(r.Figures) > 0 {
@@ -404,11 +420,13 @@ func (r Row) MarshalJSON() ([]byte, error) {
 		Variant    string `json:"variant"`
 		Role       Role   `json:"role"`
 		Median     number `json:"median"`
+		Min        number `json:"min"`
+		Max        number `json:"max"`
 		Runs       int    `json:"runs"`
 		VsBaseline number `json:"vs_baseline"`
 		VsBestRef  number `json:"vs_best_reference"`
 		BestRef    string `json:"best_reference,omitempty"`
-	}{r.Variant, r.Role, number(r.Median), r.Runs, number(r.VsBaseline), number(r.VsBestRef), r.BestRef})
+	}{r.Variant, r.Role, number(r.Median), number(r.Min), number(r.Max), r.Runs, number(r.VsBaseline), number(r.VsBestRef), r.BestRef})
 }
 
 // MarshalJSON encodes a target result with a missing value as null.

@@ -120,7 +120,7 @@ func TestRows(t *testing.T) {
 	// Throughput: meshless 5 over plaintext 11 and over the best reference (haproxy's median 4
 	// beats stunnel4's 3).
 	row := find(t, r, "tput", "meshless")
-	if row.Median != 5 || row.Runs != 3 || row.BestRef != "haproxy" {
+	if row.Median != 5 || row.Min != 4 || row.Max != 6 || row.Runs != 3 || row.BestRef != "haproxy" {
 		t.Errorf("tput/meshless = %+v", row)
 	}
 	if math.Abs(row.VsBaseline-5.0/11) > 1e-12 || row.VsBestRef != 1.25 {
@@ -131,6 +131,9 @@ func TestRows(t *testing.T) {
 	row = find(t, r, "lat", "meshless")
 	if row.BestRef != "haproxy" || row.VsBestRef != 70.0/80 || row.VsBaseline != 3.5 {
 		t.Errorf("lat/meshless = %+v", row)
+	}
+	if row.Min != 60 || row.Max != 80 {
+		t.Errorf("lat/meshless range = %v – %v, want 60 – 80", row.Min, row.Max)
 	}
 	if row := find(t, r, "lat", "stunnel4"); row.VsBestRef != 1.25 {
 		t.Errorf("lat/stunnel4 vs best = %v, want 1.25", row.VsBestRef)
@@ -145,6 +148,14 @@ func TestRows(t *testing.T) {
 	}
 	if row := find(t, r, "cpu", "meshless"); !math.IsNaN(row.VsBaseline) || row.VsBestRef != 0.5 {
 		t.Errorf("cpu/meshless = %+v", row)
+	}
+}
+
+func TestRowWithoutRuns(t *testing.T) {
+	r := New([]Variant{{Name: "meshless", Role: Subject}}, []Metric{{ID: "m", Name: "m"}})
+	row := find(t, r, "m", "meshless")
+	if row.Runs != 0 || !math.IsNaN(row.Median) || !math.IsNaN(row.Min) || !math.IsNaN(row.Max) || spread(row) != "-" {
+		t.Errorf("a row without runs = %+v, range %q", row, spread(row))
 	}
 }
 
@@ -181,7 +192,7 @@ func TestOutputs(t *testing.T) {
 	if err := r.WriteMarkdown(&md); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"throughput (Gbit/s, higher is better)", "1.25x", "0.45x", "MISSED", "RSS idle"} {
+	for _, want := range []string{"throughput (Gbit/s, higher is better)", "1.25x", "0.45x", "MISSED", "RSS idle", "range of runs", "60.00 – 80.00"} {
 		if !strings.Contains(text.String(), want) {
 			t.Errorf("text output lacks %q:\n%s", want, text.String())
 		}
@@ -204,6 +215,8 @@ func TestOutputs(t *testing.T) {
 			Variants []struct {
 				Variant    string   `json:"variant"`
 				Median     *float64 `json:"median"`
+				Min        *float64 `json:"min"`
+				Max        *float64 `json:"max"`
 				VsBaseline *float64 `json:"vs_baseline"`
 			} `json:"variants"`
 		} `json:"results"`
@@ -223,7 +236,7 @@ func TestOutputs(t *testing.T) {
 		t.Fatalf("results in JSON: %+v", doc.Results)
 	}
 	cpu := doc.Results[2].Variants[0]
-	if cpu.Variant != "meshless" || cpu.Median == nil || *cpu.Median != 2 || cpu.VsBaseline != nil {
+	if cpu.Variant != "meshless" || cpu.Median == nil || *cpu.Median != 2 || cpu.Min == nil || *cpu.Min != 2 || cpu.Max == nil || *cpu.Max != 2 || cpu.VsBaseline != nil {
 		t.Errorf("cpu/meshless in JSON: %+v", cpu)
 	}
 	if n := len(doc.Targets); n != 5 || doc.Targets[4].Value != nil || doc.Targets[0].Met != true {
