@@ -61,6 +61,9 @@ func (h *hostNetns) dialIn(ctx context.Context, podNS int, local netip.Addr, dst
 		network, family = "tcp6", unix.AF_INET6
 	}
 	d := net.Dialer{KeepAlive: -1}
+	// Plain TCP whatever GODEBUG=multipathtcp says: the mark and IP_TRANSPARENT are set on the
+	// socket the Dialer makes, and the peer's capture listener speaks plain TCP anyway.
+	d.SetMultipathTCP(false)
 	if remote {
 		d.KeepAliveConfig = remoteKeepAlive
 	}

@@ -307,6 +307,50 @@ func TestPodsEndToEnd(t *testing.T) {
 	}
 }
 
+// TestPodsMultipathTCPApp: an app that dials with Multipath TCP (curl --mptcp, a Go program with
+// MPTCP turned on, mptcpize) is carried like any other, over mTLS, not refused.
+func TestPodsMultipathTCPApp(t *testing.T) {
+	needMultipathTCP(t)
+	p := newPodPair(t)
+	var c net.Conn
+	err := p.client.netns.Do(func(ns.NetNS) error {
+		d := net.Dialer{Timeout: 10 * time.Second}
+		d.SetMultipathTCP(true)
+		var err error
+		c, err = d.DialContext(context.Background(), "tcp4", p.serverAddr.String())
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.Write([]byte{pairEcho, 'h', 'i'}); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 2)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "hi" {
+		t.Fatalf("echo through the capture = %q, %v; want \"hi\"", got, err)
+	}
+	c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	var lines []map[string]any
+	for time.Now().Before(deadline) {
+		if lines = p.logLines(t); len(lines) >= 2 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, l := range lines {
+		if l["direction"] == "outbound" && (l["mtls"] != true || l["result"] != resultOK) {
+			t.Errorf("outbound line: %v", l)
+		}
+	}
+	if len(lines) != 2 {
+		t.Fatalf("got %d connection log lines, want 2: %v", len(lines), lines)
+	}
+}
+
 // TestPodsNewConnections opens connections one after another, so that every one after the first
 // resumes a session, on both sides; each must reach the server from the client pod's own address.
 func TestPodsNewConnections(t *testing.T) {

@@ -80,8 +80,14 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 // settings of remoteKeepAlive, which Linux copies to every connection it accepts, instead of
 // each accepted connection getting them with four more system calls. The outbound port's
 // connections come from the pod's own app and need none.
+//
+// The listener is plain TCP, not Go's default of Multipath TCP: Linux answers SO_ORIGINAL_DST
+// on an accepted MPTCP socket with EOPNOTSUPP, so every connection of an app (or an outside
+// client) that speaks MPTCP would be refused for want of its destination. Against a plain TCP
+// listener such a client falls back to TCP, as it does against any server without MPTCP.
 func listenConfig(inbound bool) net.ListenConfig {
 	lc := net.ListenConfig{Control: markSocket, KeepAlive: -1}
+	lc.SetMultipathTCP(false)
 	if inbound {
 		lc.Control = func(network, address string, rc syscall.RawConn) error {
 			if err := markSocket(network, address, rc); err != nil {

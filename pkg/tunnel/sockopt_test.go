@@ -38,6 +38,53 @@ func TestListenConfigKeepAlive(t *testing.T) {
 	}
 }
 
+// needMultipathTCP skips the test on a kernel that cannot make an MPTCP socket: a client's
+// MPTCP would silently be plain TCP there, and the test would prove nothing.
+func needMultipathTCP(t *testing.T) {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, unix.IPPROTO_MPTCP)
+	if err != nil {
+		t.Skipf("the kernel makes no MPTCP socket: %v", err)
+	}
+	unix.Close(fd)
+}
+
+// A client that speaks Multipath TCP to a capture port falls back to plain TCP, so that the
+// daemon can read the connection's original destination, which Linux does not give for an
+// accepted MPTCP socket.
+func TestCaptureListenersArePlainTCP(t *testing.T) {
+	needRoot(t) // SO_MARK
+	needMultipathTCP(t)
+	for _, inbound := range []bool{true, false} {
+		t.Run(map[bool]string{true: "inbound", false: "outbound"}[inbound], func(t *testing.T) {
+			lc := listenConfig(inbound)
+			ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			var d net.Dialer
+			d.SetMultipathTCP(true)
+			client, err := d.Dial("tcp4", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			c, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if mp, err := c.(*net.TCPConn).MultipathTCP(); err != nil || mp {
+				t.Errorf("accepted connection uses MPTCP = %v (%v), want plain TCP", mp, err)
+			}
+			if mp, err := client.(*net.TCPConn).MultipathTCP(); err != nil || mp {
+				t.Errorf("the MPTCP client still uses MPTCP = %v (%v), want its fallback to TCP", mp, err)
+			}
+		})
+	}
+}
+
 // wantSockopts is what a daemon socket in a pod's netns carries: the daemon's mark, no delay, and
 // remoteKeepAlive's probes if keepAlive.
 func wantSockopts(keepAlive bool) map[string][3]int {
