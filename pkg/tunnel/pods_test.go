@@ -250,6 +250,19 @@ func (p *podPair) logLines(t testing.TB) []map[string]any {
 	return lines
 }
 
+// waitLogLines returns the connection log lines once there are at least n, or whatever there is
+// after 10 seconds. Each proxy logs a connection once it has closed both ends, which may be after
+// the client read its answer.
+func (p *podPair) waitLogLines(t testing.TB, n int) []map[string]any {
+	t.Helper()
+	var lines []map[string]any
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if lines = p.logLines(t); len(lines) >= n || time.Now().After(deadline) {
+			return lines
+		}
+	}
+}
+
 // TestPodsEndToEnd carries connections between two attached pods over mTLS: bytes arrive intact
 // both ways, the server sees the client pod's own address, a half-close travels through both
 // proxies, and each side logs one line naming the peer's identity.
@@ -283,15 +296,7 @@ func TestPodsEndToEnd(t *testing.T) {
 	}
 	c.Close()
 
-	// Each connection's two lines are written when the relays end, which follows the close.
-	deadline := time.Now().Add(10 * time.Second)
-	var lines []map[string]any
-	for time.Now().Before(deadline) {
-		if lines = p.logLines(t); len(lines) >= 2 {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	lines := p.waitLogLines(t, 2)
 	if len(lines) != 2 {
 		t.Fatalf("got %d connection log lines, want 2: %v", len(lines), lines)
 	}
@@ -333,14 +338,7 @@ func TestPodsMultipathTCPApp(t *testing.T) {
 		t.Fatalf("echo through the capture = %q, %v; want \"hi\"", got, err)
 	}
 	c.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	var lines []map[string]any
-	for time.Now().Before(deadline) {
-		if lines = p.logLines(t); len(lines) >= 2 {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	lines := p.waitLogLines(t, 2)
 	for _, l := range lines {
 		if l["direction"] == "outbound" && (l["mtls"] != true || l["result"] != resultOK) {
 			t.Errorf("outbound line: %v", l)
@@ -361,14 +359,7 @@ func TestPodsNewConnections(t *testing.T) {
 			t.Fatalf("connection %d: server saw %s, want %s", i, got, pairClientIP)
 		}
 	}
-	// Each proxy logs a connection once it has closed both ends, which may be after the client
-	// read its answer.
-	var lines []map[string]any
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if lines = p.logLines(t); len(lines) >= 2*conns || time.Now().After(deadline) {
-			break
-		}
-	}
+	lines := p.waitLogLines(t, 2*conns)
 	resumed := map[any]int{}
 	for _, l := range lines {
 		if l["tls_resumed"] == true {

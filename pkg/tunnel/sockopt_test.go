@@ -16,26 +16,34 @@ import (
 func TestListenConfigKeepAlive(t *testing.T) {
 	needRoot(t) // SO_MARK
 	for _, inbound := range []bool{true, false} {
-		lc := listenConfig(inbound)
-		ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		client, err := net.Dial("tcp4", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer client.Close()
-		c, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
 		t.Run(map[bool]string{true: "inbound", false: "outbound"}[inbound], func(t *testing.T) {
-			checkSockopts(t, c.(*net.TCPConn), wantSockopts(inbound))
+			_, c := captureListenerPair(t, inbound, net.Dialer{})
+			checkSockopts(t, c, wantSockopts(inbound))
 		})
 	}
+}
+
+// captureListenerPair listens on loopback as a capture port does and returns a connection that d
+// dialled to it, and the connection accepted; all are closed when the test ends.
+func captureListenerPair(t *testing.T, inbound bool, d net.Dialer) (client, accepted *net.TCPConn) {
+	t.Helper()
+	lc := listenConfig(inbound)
+	ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	c, err := d.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	a, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	return c.(*net.TCPConn), a.(*net.TCPConn)
 }
 
 // needMultipathTCP skips the test on a kernel that cannot make an MPTCP socket: a client's
@@ -57,28 +65,13 @@ func TestCaptureListenersArePlainTCP(t *testing.T) {
 	needMultipathTCP(t)
 	for _, inbound := range []bool{true, false} {
 		t.Run(map[bool]string{true: "inbound", false: "outbound"}[inbound], func(t *testing.T) {
-			lc := listenConfig(inbound)
-			ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
 			var d net.Dialer
 			d.SetMultipathTCP(true)
-			client, err := d.Dial("tcp4", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer client.Close()
-			c, err := ln.Accept()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			if mp, err := c.(*net.TCPConn).MultipathTCP(); err != nil || mp {
+			client, c := captureListenerPair(t, inbound, d)
+			if mp, err := c.MultipathTCP(); err != nil || mp {
 				t.Errorf("accepted connection uses MPTCP = %v (%v), want plain TCP", mp, err)
 			}
-			if mp, err := client.(*net.TCPConn).MultipathTCP(); err != nil || mp {
+			if mp, err := client.MultipathTCP(); err != nil || mp {
 				t.Errorf("the MPTCP client still uses MPTCP = %v (%v), want its fallback to TCP", mp, err)
 			}
 		})
