@@ -527,7 +527,7 @@ func countAppends(listed []string, target string) int {
 }
 
 // Remove deletes, in the netns at nsPath, what Apply installs for c: per family, the jumps and
-// the chains in one transaction, then the policy rule and the route. Missing pieces, and a
+// the chains in one transaction; then each family's policy rule and route. Missing pieces, and a
 // netns that no longer exists, are not errors. Only the families c implies are touched, as in Apply.
 func Remove(nsPath string, c Config) error {
 	if c.Backend != Legacy && c.Backend != NFT {
@@ -540,15 +540,19 @@ func Remove(nsPath string, c Config) error {
 	}
 	var problems []error
 	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-		r, err := openRouting()
-		if err != nil {
-			return err
-		}
-		defer r.close()
 		for _, t := range tools {
 			if err := removeFamily(t, c); err != nil {
 				problems = append(problems, err)
 			}
+		}
+		// The chains go even when the routing cannot be reached.
+		r, err := openRouting()
+		if err != nil {
+			problems = append(problems, err)
+			return nil
+		}
+		defer r.close()
+		for _, t := range tools {
 			if err := r.remove(t.family); err != nil {
 				problems = append(problems, err)
 			}

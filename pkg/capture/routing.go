@@ -130,6 +130,7 @@ func (r *routing) raiseLoopbackGSO(lo netlink.Link) {
 	}
 }
 
+// apply puts in one family's policy rule, unless it is there, and its route to lo.
 func (r *routing) apply(family int, lo netlink.Link) error {
 	rules, err := r.listPolicyRules(family)
 	if err != nil {
@@ -146,7 +147,7 @@ func (r *routing) apply(family int, lo netlink.Link) error {
 	return nil
 }
 
-// checkRouting returns the problems of one family's policy routing; err is for failures to look.
+// check returns the problems of one family's policy routing; err is for failures to look.
 func (r *routing) check(family int) (problems []error, err error) {
 	rules, err := r.listPolicyRules(family)
 	if err != nil {
@@ -170,6 +171,7 @@ func (r *routing) check(family int) (problems []error, err error) {
 	return problems, nil
 }
 
+// remove deletes one family's policy rules and routes; what is missing is not an error.
 func (r *routing) remove(family int) error {
 	rules, err := r.listPolicyRules(family)
 	if err != nil {
