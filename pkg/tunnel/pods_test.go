@@ -220,10 +220,15 @@ func (p *podPair) serve() {
 // dial connects from the client pod, as its app would.
 func (p *podPair) dial(t testing.TB) *net.TCPConn {
 	t.Helper()
+	return p.dialWith(t, net.Dialer{Timeout: 10 * time.Second})
+}
+
+// dialWith connects from the client pod with d, as an app with those socket options would.
+func (p *podPair) dialWith(t testing.TB, d net.Dialer) *net.TCPConn {
+	t.Helper()
 	var c net.Conn
 	err := p.client.netns.Do(func(ns.NetNS) error {
 		var err error
-		d := net.Dialer{Timeout: 10 * time.Second}
 		c, err = d.DialContext(context.Background(), "tcp4", p.serverAddr.String())
 		return err
 	})
@@ -317,17 +322,9 @@ func TestPodsEndToEnd(t *testing.T) {
 func TestPodsMultipathTCPApp(t *testing.T) {
 	needMultipathTCP(t)
 	p := newPodPair(t)
-	var c net.Conn
-	err := p.client.netns.Do(func(ns.NetNS) error {
-		d := net.Dialer{Timeout: 10 * time.Second}
-		d.SetMultipathTCP(true)
-		var err error
-		c, err = d.DialContext(context.Background(), "tcp4", p.serverAddr.String())
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d := net.Dialer{Timeout: 10 * time.Second}
+	d.SetMultipathTCP(true)
+	c := p.dialWith(t, d)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(20 * time.Second))
 	if _, err := c.Write([]byte{pairEcho, 'h', 'i'}); err != nil {
