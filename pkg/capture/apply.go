@@ -140,8 +140,8 @@ type Installing struct {
 	err   error
 }
 
-// Finish waits until the capture is installed, or failed. fresh reports whether the netns held no
-// nat and no mangle table in any of the pod's families before: then whatever of ours is there is
+// Finish waits until the capture is installed, or failed. fresh reports whether the netns held
+// none of the tables of our chains in any of the pod's families before: then whatever of ours is there is
 // this installation's doing, and Remove undoes just that.
 func (in *Installing) Finish() (fresh bool, err error) {
 	<-in.done
@@ -205,7 +205,7 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 	// The policy routing is a few rtnetlink requests, independent of the chains: it goes in
 	// beside them.
 	wg.Go(func() {
-		errs[len(tools)] = netns.Do(func(ns.NetNS) error { return applyRouting(tools) })
+		errs[len(tools)] = netns.Do(func(ns.NetNS) error { return applyRouting(c.routedFamilies()) })
 	})
 	go func() {
 		wg.Wait()
@@ -225,9 +225,9 @@ func start(nsPath string, c Config, addrs *nodeAddrs) *Installing {
 	return in
 }
 
-// applyRouting puts in the policy routing of every family of tools, in the calling thread's
-// netns. The route points at lo, which the kernel only accepts while lo is up.
-func applyRouting(tools []familyTools) error {
+// applyRouting puts in the policy routing of families, in the calling thread's netns. The route
+// points at lo, which the kernel only accepts while lo is up.
+func applyRouting(families []int) error {
 	r, err := openRouting()
 	if err != nil {
 		return err
@@ -237,8 +237,8 @@ func applyRouting(tools []familyTools) error {
 	if err != nil {
 		return err
 	}
-	for _, t := range tools {
-		if err := r.apply(t.family, lo); err != nil {
+	for _, f := range families {
+		if err := r.apply(f, lo); err != nil {
 			return err
 		}
 	}
@@ -246,15 +246,15 @@ func applyRouting(tools []familyTools) error {
 }
 
 // applyFamily writes one family's chains and missing jumps into netns in one transaction. When
-// the netns holds neither a nat nor a mangle table (a new pod's), every jump is missing, and with
+// the netns holds none of the tables they live in (a new pod's), every jump is missing, and with
 // the nft backend the rules go in over netlink, with no program (writeNFT). Otherwise
 // applyWithPrograms writes them. started is called once a program runs, or the slower way
-// begins. fresh reports whether the netns held neither table.
+// begins. fresh reports whether the netns held none of the tables.
 func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, started func()) (fresh bool, err error) {
 	if t.backend == NFT {
 		if conn, err := nftIn(netns); err == nil {
 			defer func() { _ = conn.CloseLasting() }()
-			if fresh, err := nftHoldsNoTables(conn, t.family); err == nil && fresh {
+			if fresh, err := nftHoldsNoTables(conn, t.family, tablesOf(chains(c, t.family))); err == nil && fresh {
 				c, err := addrs.config(c)
 				if err != nil {
 					return true, err
@@ -272,13 +272,13 @@ func applyFamily(netns ns.NetNS, t familyTools, c Config, addrs *nodeAddrs, star
 }
 
 // applyWithPrograms is applyFamily with iptables programs, in the calling thread's netns. Which
-// jumps are missing it learns from the kernel when the netns holds neither a nat nor a mangle
-// table, and otherwise from one iptables-save. (Asking iptables about each jump instead costs a
+// jumps are missing it learns from the kernel when the netns holds none of the tables of our
+// chains, and otherwise from one iptables-save. (Asking iptables about each jump instead costs a
 // program run per question, and each run is milliseconds of a pod's CNI ADD.) In a new pod's
 // netns the restore program starts at once and gets its input when the node's addresses are
 // known: starting a program is most of its cost.
 func applyWithPrograms(t familyTools, c Config, addrs *nodeAddrs, started func()) (fresh bool, err error) {
-	if fresh, err := holdsNoTables(t.backend, t.family); err == nil && fresh {
+	if fresh, err := holdsNoTables(t.backend, t.family, tablesOf(chains(c, t.family))); err == nil && fresh {
 		r, err := t.startRestore()
 		started()
 		if err != nil {
@@ -431,7 +431,9 @@ func Check(nsPath string, c Config) error {
 				return err
 			}
 			problems = append(problems, ps...)
-			ps, err = r.check(t.family)
+		}
+		for _, f := range c.routedFamilies() {
+			ps, err := r.check(f)
 			if err != nil {
 				return err
 			}
@@ -552,8 +554,8 @@ func Remove(nsPath string, c Config) error {
 			return nil
 		}
 		defer r.close()
-		for _, t := range tools {
-			if err := r.remove(t.family); err != nil {
+		for _, f := range c.routedFamilies() {
+			if err := r.remove(f); err != nil {
 				problems = append(problems, err)
 			}
 		}

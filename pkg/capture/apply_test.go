@@ -185,7 +185,11 @@ func TestApplyCheckRemove(t *testing.T) {
 	}
 }
 
-func TestIPv4OnlyPodGetsNoIPv6Rules(t *testing.T) {
+// TestIPv4OnlyPodGetsIPv6Chains: a pod without an IPv6 address gets the IPv6 chains all the same
+// (its link-local address must be no way around the capture), but no IPv6 policy routing, which
+// only the daemon's IPv6 sockets need. A pod captured before the IPv6 chains existed fails Check
+// until they are applied.
+func TestIPv4OnlyPodGetsIPv6Chains(t *testing.T) {
 	needRoot(t)
 	for _, b := range backends {
 		t.Run(string(b), func(t *testing.T) {
@@ -197,12 +201,37 @@ func TestIPv4OnlyPodGetsNoIPv6Rules(t *testing.T) {
 			if err := Check(path, c); err != nil {
 				t.Fatalf("Check: %v", err)
 			}
-			assertInstalledOnce(t, save(t, netns, b, 4), c, 4)
-			assertRouting(t, netns, 4, true)
-			if s := save(t, netns, b, 6); strings.Contains(s, "MESHLESS") {
-				t.Errorf("IPv4-only pod got ip6tables rules:\n%s", s)
+			for _, family := range []int{4, 6} {
+				assertInstalledOnce(t, save(t, netns, b, family), c, family)
 			}
+			assertRouting(t, netns, 4, true)
 			assertRouting(t, netns, 6, false)
+
+			tools, err := resolveTools(b, []int{6})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := ns.WithNetNSPath(path, func(ns.NetNS) error { return removeFamily(tools[0], c) }); err != nil {
+				t.Fatalf("remove the IPv6 chains: %v", err)
+			}
+			if err := Check(path, c); err == nil || !strings.Contains(err.Error(), "IPv6 filter chain MESHLESS_OUTPUT is missing") {
+				t.Errorf("Check without the IPv6 chains = %v, want it to report them missing", err)
+			}
+			if err := Apply(path, c); err != nil {
+				t.Fatalf("Apply again: %v", err)
+			}
+			if err := Check(path, c); err != nil {
+				t.Errorf("Check after applying again: %v", err)
+			}
+			if err := Remove(path, c); err != nil {
+				t.Fatalf("Remove: %v", err)
+			}
+			for _, family := range []int{4, 6} {
+				if s := save(t, netns, b, family); strings.Contains(s, "MESHLESS") {
+					t.Errorf("IPv%d rules left after Remove:\n%s", family, s)
+				}
+			}
+			assertRouting(t, netns, 4, false)
 		})
 	}
 }

@@ -3,8 +3,9 @@
 // (outbound to OutboundPort, inbound to InboundPort), plus the mark rules and policy routing that
 // bring the application's replies to a spoofed client address back to the daemon.
 //
-// Everything happens inside the pod netns. IPv4 rules are always installed; IPv6 rules and IPv6
-// policy routing only when the pod has an IPv6 address. The iptables backend (legacy or nft) is
+// Everything happens inside the pod netns. IPv4 rules are always installed, and IPv6 rules
+// whenever the kernel has IPv6, so that a pod's IPv6 link-local address is no way around the
+// capture; IPv6 policy routing only when the pod has an IPv6 address. The iptables backend (legacy or nft) is
 // decided once per node (LoadOrDetectBackend) and used for every pod, so that the pod's rules live
 // in the same backend as the node's.
 package capture
@@ -13,6 +14,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"sync"
 )
 
 // Ports, marks and routing identifiers shared with the daemon's data path (pkg/tunnel).
@@ -46,7 +49,7 @@ const (
 // Config describes the capture of one pod.
 type Config struct {
 	Backend              Backend
-	PodIPs               []netip.Addr   // the pod's own addresses (v4 and/or v6); v6 rules only when one is v6
+	PodIPs               []netip.Addr   // the pod's own addresses (v4 and/or v6); v6 policy routing only when one is v6
 	NodeIPs              []netip.Addr   // the node's addresses: inbound from these is not captured (probes)
 	ExcludeInboundPorts  []uint16       // destination ports of incoming connections that reach the app directly
 	ExcludeOutboundPorts []uint16       // destination ports of outgoing connections that are not captured
@@ -129,13 +132,43 @@ func unmapAll(addrs []netip.Addr) []netip.Addr {
 	return out
 }
 
-// families lists the IP families whose rules a pod gets: IPv4 always (an IPv4 connection from a
-// v6-only pod must not bypass capture), IPv6 when the pod has an IPv6 address.
+// families lists the IP families whose chains a pod gets: IPv4 always (an IPv4 connection from a
+// v6-only pod must not bypass capture), and IPv6 whenever the kernel has it, whether or not the
+// pod has an IPv6 address. A pod without one still has an IPv6 link-local address on its
+// interface, and on a shared bridge (the bridge plugin, flannel) its neighbours reach it there.
+// Its IPv6 TCP is redirected like any other, to capture ports where nothing listens (the daemon
+// serves IPv6 only for pods with an IPv6 address), so it is refused both ways instead of
+// crossing the node in plaintext.
 func (c Config) families() []int {
-	for _, a := range c.PodIPs {
-		if a.Unmap().Is6() {
-			return []int{4, 6}
-		}
+	if c.hasIPv6() || kernelHasIPv6() {
+		return []int{4, 6}
 	}
 	return []int{4}
 }
+
+// routedFamilies lists the IP families whose policy routing a pod gets: IPv4 always, as for the
+// chains, and IPv6 when the pod has an IPv6 address. The routing serves the daemon's transparent
+// sockets, and the daemon opens IPv6 ones only for such a pod; a pod netns with IPv6 switched
+// off (disable_ipv6) would also refuse the route.
+func (c Config) routedFamilies() []int {
+	if c.hasIPv6() {
+		return []int{4, 6}
+	}
+	return []int{4}
+}
+
+func (c Config) hasIPv6() bool {
+	for _, a := range c.PodIPs {
+		if a.Unmap().Is6() {
+			return true
+		}
+	}
+	return false
+}
+
+// kernelHasIPv6 reports whether the kernel has IPv6 (not booted with ipv6.disable=1, which also
+// takes ip6tables away). It is a variable so that tests can play such a kernel.
+var kernelHasIPv6 = sync.OnceValue(func() bool {
+	_, err := os.Stat("/proc/sys/net/ipv6")
+	return err == nil
+})

@@ -11,28 +11,25 @@ import (
 	"github.com/google/nftables"
 )
 
-// ourTables are the tables that hold our chains and jumps.
-var ourTables = []string{"nat", "mangle"}
-
 // holdsNoTables reports whether the current netns provably holds none of our chains and jumps
-// in backend b for family: neither the nat nor the mangle table exists there. A fresh pod netns
-// is like that, and then Apply needs no iptables-save to learn which jumps are in place. It asks
-// the kernel directly, which costs microseconds where a program run costs milliseconds. An
-// error means "not known": the caller looks with iptables-save instead.
-func holdsNoTables(b Backend, family int) (bool, error) {
+// in backend b for family: none of tables, those our chains of that family live in, exists
+// there. A fresh pod netns is like that, and then Apply needs no iptables-save to learn which
+// jumps are in place. It asks the kernel directly, which costs microseconds where a program run
+// costs milliseconds. An error means "not known": the caller looks with iptables-save instead.
+func holdsNoTables(b Backend, family int, tables []string) (bool, error) {
 	switch b {
 	case Legacy:
 		names, err := legacyTables(family)
 		if err != nil {
 			return false, err
 		}
-		return !slices.ContainsFunc(names, func(n string) bool { return slices.Contains(ourTables, n) }), nil
+		return !slices.ContainsFunc(names, func(n string) bool { return slices.Contains(tables, n) }), nil
 	case NFT:
 		conn, err := nftables.New()
 		if err != nil {
 			return false, fmt.Errorf("nftables: %w", err)
 		}
-		return nftHoldsNoTables(conn, family)
+		return nftHoldsNoTables(conn, family, tables)
 	default:
 		return false, fmt.Errorf("unknown iptables backend %q", b)
 	}

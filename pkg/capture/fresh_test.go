@@ -8,52 +8,58 @@ import (
 )
 
 // tablesFreeIn runs holdsNoTables inside the netns at path.
-func tablesFreeIn(t *testing.T, path string, b Backend, family int) bool {
+func tablesFreeIn(t *testing.T, path string, b Backend, family int, tables []string) bool {
 	t.Helper()
 	var free bool
 	err := ns.WithNetNSPath(path, func(ns.NetNS) error {
 		var err error
-		free, err = holdsNoTables(b, family)
+		free, err = holdsNoTables(b, family, tables)
 		return err
 	})
 	if err != nil {
-		t.Fatalf("holdsNoTables(%s, IPv%d): %v", b, family, err)
+		t.Fatalf("holdsNoTables(%s, IPv%d, %v): %v", b, family, tables, err)
 	}
 	return free
 }
 
 func TestHoldsNoTables(t *testing.T) {
 	needRoot(t)
+	natMangle, filter := []string{"nat", "mangle"}, []string{"filter"}
 	for _, b := range backends {
 		t.Run(string(b), func(t *testing.T) {
 			netns, path := newNetns(t)
 			for _, family := range []int{4, 6} {
-				if !tablesFreeIn(t, path, b, family) {
-					t.Errorf("new netns: IPv%d reported as holding nat or mangle tables", family)
+				if !tablesFreeIn(t, path, b, family, natMangle) || !tablesFreeIn(t, path, b, family, filter) {
+					t.Errorf("new netns: IPv%d reported as holding tables", family)
 				}
 			}
-			// A filter rule is not in a table we use: the netns still needs no iptables-save.
+			// A filter rule is not in a table the IPv4 chains use: the netns still needs no
+			// iptables-save for them. The IPv6 filter table is the one a pod without an IPv6
+			// address has its IPv6 chains in.
 			inNetns(t, netns, toolName(b, 4, ""), "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "7", "-j", "ACCEPT")
-			if !tablesFreeIn(t, path, b, 4) {
-				t.Error("netns with a filter rule only: reported as holding nat or mangle tables")
+			if !tablesFreeIn(t, path, b, 4, natMangle) || tablesFreeIn(t, path, b, 4, filter) {
+				t.Error("IPv4 filter rule: want nat and mangle free, filter not")
+			}
+			if !tablesFreeIn(t, path, b, 6, filter) {
+				t.Error("IPv4 filter rule: want the IPv6 filter table free")
 			}
 			// Someone else's mangle rule makes the netns one to look at.
 			inNetns(t, netns, toolName(b, 6, ""), "-t", "mangle", "-A", "OUTPUT", "-j", "RETURN")
-			if !tablesFreeIn(t, path, b, 4) || tablesFreeIn(t, path, b, 6) {
+			if !tablesFreeIn(t, path, b, 4, natMangle) || tablesFreeIn(t, path, b, 6, natMangle) {
 				t.Error("IPv6 mangle rule: want IPv4 free and IPv6 not")
 			}
 			if err := Apply(path, podConfig(b, false)); err != nil {
 				t.Fatal(err)
 			}
-			if tablesFreeIn(t, path, b, 4) {
-				t.Error("after Apply: IPv4 reported as holding no nat or mangle table")
+			if tablesFreeIn(t, path, b, 4, natMangle) || tablesFreeIn(t, path, b, 6, filter) {
+				t.Error("after Apply: a family reported as holding none of its tables")
 			}
 		})
 	}
 	// The other backend's tables do not count: they are not where the rules go.
 	netns, path := newNetns(t)
 	inNetns(t, netns, "iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-j", "RETURN")
-	if !tablesFreeIn(t, path, NFT, 4) || tablesFreeIn(t, path, Legacy, 4) {
+	if !tablesFreeIn(t, path, NFT, 4, natMangle) || tablesFreeIn(t, path, Legacy, 4, natMangle) {
 		t.Error("legacy nat rule: want nft free and legacy not")
 	}
 }
@@ -196,7 +202,7 @@ func TestRestoreAbort(t *testing.T) {
 			if s := save(t, netns, b, 4); strings.Contains(s, "MESHLESS") {
 				t.Errorf("rules after an aborted restore:\n%s", s)
 			}
-			if !tablesFreeIn(t, path, b, 4) {
+			if !tablesFreeIn(t, path, b, 4, []string{"nat", "mangle"}) {
 				t.Error("an aborted restore left a nat or mangle table")
 			}
 		})

@@ -28,6 +28,8 @@ var builtinChains = map[[2]string]builtinChain{
 	{"nat", "OUTPUT"}:        {nftables.ChainTypeNAT, nftables.ChainHookOutput, nftables.ChainPriorityNATDest},
 	{"mangle", "PREROUTING"}: {nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityMangle},
 	{"mangle", "OUTPUT"}:     {nftables.ChainTypeRoute, nftables.ChainHookOutput, nftables.ChainPriorityMangle},
+	{"filter", "INPUT"}:      {nftables.ChainTypeFilter, nftables.ChainHookInput, nftables.ChainPriorityFilter},
+	{"filter", "OUTPUT"}:     {nftables.ChainTypeFilter, nftables.ChainHookOutput, nftables.ChainPriorityFilter},
 }
 
 // nftIn opens a connection to the nftables of netns whose socket is made in netns, so that its
@@ -43,15 +45,15 @@ func nftIn(netns ns.NetNS) (*nftables.Conn, error) {
 	return conn, nil
 }
 
-// nftHoldsNoTables reports whether conn's netns has neither our nat nor our mangle table in the
-// nftables family (ip or ip6) where iptables-nft keeps the tables of family.
-func nftHoldsNoTables(conn *nftables.Conn, family int) (bool, error) {
-	tables, err := conn.ListTablesOfFamily(nftFamily(family))
+// nftHoldsNoTables reports whether conn's netns has none of tables in the nftables family (ip or
+// ip6) where iptables-nft keeps the tables of family.
+func nftHoldsNoTables(conn *nftables.Conn, family int, tables []string) (bool, error) {
+	held, err := conn.ListTablesOfFamily(nftFamily(family))
 	if err != nil {
 		return false, fmt.Errorf("list nftables tables: %w", err)
 	}
-	for _, t := range tables {
-		if slices.Contains(ourTables, t.Name) {
+	for _, t := range held {
+		if slices.Contains(tables, t.Name) {
 			return false, nil
 		}
 	}
@@ -67,7 +69,7 @@ func nftFamily(family int) nftables.TableFamily {
 
 // writeNFT installs chs and their jumps in conn's nftables, in one transaction, without running
 // a program: starting iptables-restore is most of what a new pod's capture costs. The netns
-// must hold neither the nat nor the mangle table of family (see nftHoldsNoTables): the tables
+// must hold none of the tables of chs in family (see nftHoldsNoTables): the tables
 // and the built-in chains the jumps need are created here, as iptables-nft-restore creates them.
 // Every rule is encoded as iptables-nft 1.8 encodes the same iptables-restore line, so that
 // iptables-nft reads them back as its own: CHECK, Remove and iptables-save work on them unchanged.
@@ -141,6 +143,16 @@ func (r rule) exprs(family int) []expr.Any {
 		e = append(e,
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binary.BigEndian.AppendUint16(nil, r.dport)})
+	} else if r.rst {
+		const tcpFlagsOffset, tcpRST = 13, 0x04
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: tcpFlagsOffset, Len: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpRST}, Xor: []byte{0}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{tcpRST}})
+	} else if r.verdict == verdictResetIPv6 {
+		// `-m tcp` with no option stays an xtables match, and it makes the nftables package
+		// tell the kernel that the rule is TCP's (see rule.spec).
+		e = append(e, &expr.Match{Name: "tcp", Rev: 0, Info: &xt.Tcp{SrcPorts: [2]uint16{0, 0xffff}, DstPorts: [2]uint16{0, 0xffff}}})
 	}
 	if r.mark {
 		e = append(e,
@@ -165,6 +177,8 @@ func (r rule) exprs(family int) []expr.Any {
 		e = append(e, &expr.Target{Name: "CONNMARK", Rev: 2, Info: connmarkTarget(ConnMark, MarkMask, 0xffffffff, xtConnmarkSet)})
 	case verdictRestoreMark:
 		e = append(e, &expr.Target{Name: "CONNMARK", Rev: 2, Info: connmarkTarget(0, MarkMask, MarkMask, xtConnmarkRestore)})
+	case verdictResetIPv6:
+		e = append(e, &expr.Target{Name: "REJECT", Rev: 0, Info: rejectTCPResetIPv6()})
 	}
 	return e
 }
@@ -203,6 +217,14 @@ func redirectInfo(family int, port uint16) xt.InfoAny {
 		return &xt.NatRange{Flags: uint(xt.NatRangeProtoSpecified), MinIP: net.IPv6zero, MaxIP: net.IPv6zero, MinPort: port, MaxPort: port}
 	}
 	return &xt.NatIPv4MultiRangeCompat{{Flags: uint(xt.NatRangeProtoSpecified), MinIP: net.IPv4zero.To4(), MaxIP: net.IPv4zero.To4(), MinPort: port, MaxPort: port}}
+}
+
+// rejectTCPResetIPv6 is the IPv6 REJECT target's --reject-with tcp-reset: struct
+// ip6t_reject_info {__u32 with;}, padded to 8 bytes, with IP6T_TCP_RESET.
+func rejectTCPResetIPv6() *xt.Unknown {
+	const ip6tTCPReset = 6
+	info := xt.Unknown(append(hostU32(ip6tTCPReset), make([]byte, 4)...))
+	return &info
 }
 
 // The CONNMARK target's modes (enum in linux/netfilter/xt_connmark.h).

@@ -90,9 +90,20 @@ func TestWriteNFTAsIptablesNFT(t *testing.T) {
 	c.ExcludeOutboundPorts = append(c.ExcludeOutboundPorts, 443, 15001)
 	c.ExcludeInboundPorts = append(c.ExcludeInboundPorts, 22)
 	c = c.normalized()
-	for _, family := range []int{4, 6} {
-		t.Run(fmt.Sprintf("IPv%d", family), func(t *testing.T) {
-			chs := chains(c, family)
+	noIPv6 := c
+	noIPv6.PodIPs = slices.DeleteFunc(slices.Clone(c.PodIPs), netip.Addr.Is6)
+	for _, tc := range []struct {
+		name   string
+		c      Config
+		family int
+	}{
+		{"IPv4", c, 4},
+		{"IPv6", c, 6},
+		{"IPv6 of a pod without an IPv6 address", noIPv6, 6},
+	} {
+		family := tc.family
+		t.Run(tc.name, func(t *testing.T) {
+			chs := chains(tc.c, family)
 			nativeNS, native := newNetns(t)
 			restoredNS, restored := newNetns(t)
 			target, err := ns.GetNS(native)

@@ -10,7 +10,7 @@ import (
 
 // chain is one of our dedicated chains: its rules, and the one jump that enters it.
 type chain struct {
-	table  string // "nat" or "mangle"
+	table  string // "nat", "mangle" or "filter"
 	name   string // our chain
 	parent string // the built-in chain holding the jump
 	jump   rule   // the jump in parent
@@ -24,6 +24,7 @@ type rule struct {
 	src, dst netip.Prefix // -s, -d
 	tcp      bool         // -p tcp
 	dport    uint16       // -m tcp --dport; only with tcp
+	rst      bool         // -m tcp --tcp-flags RST RST; only with tcp
 	mark     bool         // -m mark --mark SocketMark/MarkMask
 	connmark bool         // -m connmark --mark ConnMark/MarkMask
 	verdict  verdict
@@ -40,6 +41,7 @@ const (
 	verdictRedirect                   // -j REDIRECT --to-ports toPort
 	verdictSetConnMark                // -j CONNMARK --set-xmark ConnMark/MarkMask
 	verdictRestoreMark                // -j CONNMARK --restore-mark (the MarkMask bits)
+	verdictResetIPv6                  // -m tcp -j REJECT --reject-with tcp-reset, in IPv6 rules only
 )
 
 // spec returns the rule's iptables arguments, in the order iptables-save prints them.
@@ -62,6 +64,12 @@ func (r rule) spec() []string {
 	}
 	if r.dport != 0 {
 		a = append(a, "-m", "tcp", "--dport", strconv.Itoa(int(r.dport)))
+	} else if r.rst {
+		a = append(a, "-m", "tcp", "--tcp-flags", "RST", "RST")
+	} else if r.verdict == verdictResetIPv6 {
+		// The kernel takes tcp-reset only from a rule it knows to be TCP's. iptables-nft tells
+		// it so for `-p tcp` alone, but the nftables package only for a rule with the tcp match.
+		a = append(a, "-m", "tcp")
 	}
 	if r.mark {
 		a = append(a, "-m", "mark", "--mark", hexMark(SocketMark)+"/"+hexMark(MarkMask))
@@ -80,6 +88,8 @@ func (r rule) spec() []string {
 		a = append(a, "-j", "CONNMARK", "--set-xmark", hexMark(ConnMark)+"/"+hexMark(MarkMask))
 	case verdictRestoreMark:
 		a = append(a, "-j", "CONNMARK", "--restore-mark", "--nfmask", hexMark(MarkMask), "--ctmask", hexMark(MarkMask))
+	case verdictResetIPv6:
+		a = append(a, "-j", "REJECT", "--reject-with", "tcp-reset")
 	}
 	return a
 }
@@ -121,7 +131,6 @@ func chains(c Config, family int) []chain {
 	for _, p := range uniquePorts(c.ExcludeOutboundPorts) {
 		out = append(out, rule{tcp: true, dport: p})
 	}
-	out = append(out, rule{tcp: true, verdict: verdictRedirect, toPort: OutboundPort})
 
 	// Inbound: loopback (the daemon's own connection to the app arrives there) and the node's
 	// addresses (kubelet probes must work in strict mode) reach the app directly.
@@ -132,6 +141,23 @@ func chains(c Config, family int) []chain {
 	for _, p := range uniquePorts(c.ExcludeInboundPorts) {
 		in = append(in, rule{tcp: true, dport: p})
 	}
+
+	if family == 6 && !c.hasIPv6() {
+		// A pod without an IPv6 address still has an IPv6 link-local one, which the daemon does
+		// not serve (see Config.families): its other IPv6 TCP is refused with a reset, both ways.
+		// Not redirected to a port where nothing listens: a redirect of the pod's own connection
+		// to a link-local address goes to ::1 bound to the pod's interface, which has no route.
+		// Not an ICMPv6 error: the kernel does not deliver one about a link-local destination to
+		// the local socket. Either way the app would wait out its connect timeout.
+		reject := rule{tcp: true, verdict: verdictResetIPv6}
+		// The resets of the inbound refusal leave through OUTPUT: they must not be refused there.
+		out = append(out, rule{tcp: true, rst: true}, reject)
+		return []chain{
+			{table: "filter", name: ChainOutbound, parent: "OUTPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainOutbound}, rules: out},
+			{table: "filter", name: ChainInbound, parent: "INPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainInbound}, rules: append(in, reject)},
+		}
+	}
+	out = append(out, rule{tcp: true, verdict: verdictRedirect, toPort: OutboundPort})
 	in = append(in, rule{tcp: true, verdict: verdictRedirect, toPort: InboundPort})
 
 	return []chain{
@@ -163,10 +189,19 @@ func Rules(c Config, family int) string {
 	return restoreInput(chains(c.normalized(), family), nil)
 }
 
+// tablesOf lists the tables chs live in, in order of first appearance.
+func tablesOf(chs []chain) []string {
+	var tables []string
+	for _, ch := range chs {
+		tables = appendUnique(tables, ch.table)
+	}
+	return tables
+}
+
 // restoreInput renders chs, plus the jumps of the chains in missing, grouped by table.
 func restoreInput(chs []chain, missing []chain) string {
 	var b strings.Builder
-	for _, table := range []string{"nat", "mangle"} {
+	for _, table := range tablesOf(chs) {
 		fmt.Fprintf(&b, "*%s\n", table)
 		for _, ch := range chs {
 			if ch.table == table {

@@ -2,6 +2,7 @@ package capture
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -94,8 +95,8 @@ func TestRulesMappedAddressesAreIPv4(t *testing.T) {
 	if err := c.Validate(); err != nil {
 		t.Fatalf("Validate: %v", err)
 	}
-	if fams := c.normalized().families(); len(fams) != 1 || fams[0] != 4 {
-		t.Errorf("families = %v, want [4]", fams)
+	if fams := c.normalized().routedFamilies(); !slices.Equal(fams, []int{4}) {
+		t.Errorf("routedFamilies = %v, want [4]", fams)
 	}
 	got := Rules(c, 4)
 	for _, line := range []string{"-d 10.0.0.9/32 -j RETURN", "-s 10.0.0.1/32 -j RETURN", "-d 10.1.0.0/16 -j RETURN"} {
@@ -126,12 +127,30 @@ func TestRulesUnknownFamily(t *testing.T) {
 
 func TestFamilies(t *testing.T) {
 	v4 := Config{PodIPs: []netip.Addr{netip.MustParseAddr("10.0.0.2")}}
-	if got := v4.families(); len(got) != 1 || got[0] != 4 {
-		t.Errorf("v4-only pod families = %v, want [4]", got)
-	}
 	v6 := Config{PodIPs: []netip.Addr{netip.MustParseAddr("fd00::2")}}
-	if got := v6.families(); len(got) != 2 {
-		t.Errorf("v6-only pod families = %v, want [4 6]", got)
+	dual := Config{PodIPs: []netip.Addr{netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("fd00::2")}}
+	for _, tc := range []struct {
+		name             string
+		c                Config
+		kernelIPv6       bool
+		chains, routings []int
+	}{
+		{"IPv4-only pod", v4, true, []int{4, 6}, []int{4}},
+		{"IPv4-only pod, kernel without IPv6", v4, false, []int{4}, []int{4}},
+		{"IPv6-only pod", v6, true, []int{4, 6}, []int{4, 6}},
+		{"dual-stack pod", dual, true, []int{4, 6}, []int{4, 6}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			saved := kernelHasIPv6
+			kernelHasIPv6 = func() bool { return tc.kernelIPv6 }
+			t.Cleanup(func() { kernelHasIPv6 = saved })
+			if got := tc.c.families(); !slices.Equal(got, tc.chains) {
+				t.Errorf("families = %v, want %v", got, tc.chains)
+			}
+			if got := tc.c.routedFamilies(); !slices.Equal(got, tc.routings) {
+				t.Errorf("routedFamilies = %v, want %v", got, tc.routings)
+			}
+		})
 	}
 }
 
