@@ -123,6 +123,33 @@ func TestApplyKeepsForeignRules(t *testing.T) {
 	}
 }
 
+// TestApplyOneFamilyFresh applies with the nft backend into a netns where only the IPv6 nat table
+// exists: the IPv4 chains go in over netlink, the IPv6 ones with iptables-nft-restore beside the
+// foreign rule, and the netns does not count as fresh.
+func TestApplyOneFamilyFresh(t *testing.T) {
+	needRoot(t)
+	netns, path := newNetns(t)
+	c := podConfig(NFT, true)
+	const foreign = "-A POSTROUTING -j MASQUERADE"
+	inNetns(t, netns, append([]string{toolName(NFT, 6, ""), "-t", "nat"}, strings.Fields(foreign)...)...)
+	fresh, err := start(path, c, known(c.NodeIPs)).Finish()
+	if err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	if fresh {
+		t.Error("a netns with an IPv6 nat table reported fresh")
+	}
+	for _, family := range []int{4, 6} {
+		assertInstalledOnce(t, save(t, netns, NFT, family), c, family)
+	}
+	if s := save(t, netns, NFT, 6); !strings.Contains(s, foreign) {
+		t.Errorf("foreign IPv6 rule gone after Apply:\n%s", s)
+	}
+	if err := Check(path, c); err != nil {
+		t.Errorf("Check: %v", err)
+	}
+}
+
 // ruleLines is iptables-save output without its comments and counters, which change between runs.
 func ruleLines(saved string) string {
 	var out []string
