@@ -1,8 +1,9 @@
 package conformance_test
 
-// Pods with IPv4 addresses only still get IPv6 link-local addresses on their interface, and on a
-// shared bridge (the bridge plugin, flannel) they reach each other over them. TCP over IPv6 must
-// not be a way around the mesh for such pods: it is refused both ways.
+// Every pod gets an IPv6 link-local address on its interface, whether or not CNI gave it an IPv6
+// address, and on a shared bridge (the bridge plugin, flannel) pods reach each other over them.
+// TCP over them must not be a way around the mesh: a pod without an IPv6 address refuses it both
+// ways, and a dual-stack pod's capture takes it like any other.
 
 import (
 	"context"
@@ -78,15 +79,15 @@ func listenLinkLocal(t *testing.T, p *conformance.Pod) *linkLocalServer {
 }
 
 // linkLocalExchange dials target from the pod over IPv6, sends a line and returns the answer.
-func linkLocalExchange(ctx context.Context, from *conformance.Pod, target netip.AddrPort) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+func linkLocalExchange(ctx context.Context, from *conformance.Pod, target netip.AddrPort, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	c, err := from.Dial(ctx, "tcp6", target.String())
 	if err != nil {
 		return "", err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(timeout))
 	if _, err := io.WriteString(c, coreMarker+"\n"); err != nil {
 		return "", err
 	}
@@ -97,12 +98,25 @@ func linkLocalExchange(ctx context.Context, from *conformance.Pod, target netip.
 	return string(b), err
 }
 
-func TestIPv6LinkLocal(t *testing.T) {
-	needRoot(t)
+// linkLocalAttempt is a connection over IPv6 link-local addresses that must not reach its server.
+type linkLocalAttempt struct {
+	name     string
+	from     *conformance.Pod
+	target   netip.AddrPort
+	accepted chan netip.AddrPort
+}
+
+// setupLinkLocal starts a node with two mesh pods and two plain pods, servers on every IPv6
+// address in the mesh pod "server" and the plain pod "plain-b", and checks that link-local TCP
+// works between the plain pods, so that what fails between the others is the capture's doing.
+// It returns the attempts between mesh pods, and between mesh and plain pods.
+func setupLinkLocal(t *testing.T, ipv6 bool, mode string) []linkLocalAttempt {
+	t.Helper()
 	ctx := testCtx(t)
 	c, err := conformance.NewCluster(t, conformance.ClusterConfig{
 		Bins:       binaries(t),
-		Mode:       conformance.ModePermissive,
+		IPv6:       ipv6,
+		Mode:       mode,
 		NodePrefix: "mlllnode-",
 		PodPrefix:  "mlllpod-",
 		Workloads:  map[string]string{"ll/client": "client-sa", "ll/server": "server-sa"},
@@ -114,60 +128,72 @@ func TestIPv6LinkLocal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	client, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "client"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "server"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	plainA, err := node.AddPlainPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "plain-a"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	plainB, err := node.AddPlainPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "plain-b"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range []*conformance.Pod{client, server, plainA, plainB} {
-		if p.IPv6().IsValid() {
-			t.Fatalf("%s has the IPv6 address %s from CNI; this test is about pods without one", p, p.IPv6())
+	var pods []*conformance.Pod
+	for _, name := range []string{"client", "server", "plain-a", "plain-b"} {
+		add := node.AddPod
+		if strings.HasPrefix(name, "plain") {
+			add = node.AddPlainPod
 		}
+		p, err := add(ctx, conformance.PodConfig{Namespace: "ll", Name: name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.IPv6().IsValid() != ipv6 {
+			t.Fatalf("%s has IPv6 address %v from CNI, want one: %v", p, p.IPv6(), ipv6)
+		}
+		pods = append(pods, p)
 	}
+	client, server, plainA, plainB := pods[0], pods[1], pods[2], pods[3]
 
 	serverSrv := listenLinkLocal(t, server)
 	plainSrv := listenLinkLocal(t, plainB)
 	serverLL := netip.AddrPortFrom(linkLocal(t, server), serverSrv.port)
 	plainLL := netip.AddrPortFrom(linkLocal(t, plainB), plainSrv.port)
-
-	// The control: outside the mesh, link-local TCP works on this bridge, so a refusal below is
-	// the capture's doing.
-	if got, err := linkLocalExchange(ctx, plainA, plainLL); err != nil || got != coreMarker+"\n" {
+	if got, err := linkLocalExchange(ctx, plainA, plainLL, 5*time.Second); err != nil || got != coreMarker+"\n" {
 		t.Fatalf("plain pod to plain pod over %s: answer %q, %v", plainLL, got, err)
 	}
 	<-plainSrv.accepted
 
-	refused := []struct {
-		name     string
-		from     *conformance.Pod
-		target   netip.AddrPort
-		accepted chan netip.AddrPort
-	}{
+	return []linkLocalAttempt{
 		{"mesh pod to mesh pod", client, serverLL, serverSrv.accepted},
 		{"plain pod to mesh pod", plainA, serverLL, serverSrv.accepted},
 		{"mesh pod to plain pod", client, plainLL, plainSrv.accepted},
 	}
-	for _, r := range refused {
-		// Refused at once, as a closed port is: an app must not wait out its connect timeout.
-		got, err := linkLocalExchange(ctx, r.from, r.target)
-		if !errors.Is(err, syscall.ECONNREFUSED) || got != "" {
-			t.Errorf("%s over %s: answer %q, error %v; want the connection refused", r.name, r.target, got, err)
-		}
-		select {
-		case from := <-r.accepted:
-			t.Errorf("%s over %s: the server accepted a connection from %s", r.name, r.target, from)
-		default:
-		}
+}
+
+// requireNotAccepted fails the test if the attempt's server accepted a connection.
+func (a linkLocalAttempt) requireNotAccepted(t *testing.T) {
+	t.Helper()
+	select {
+	case from := <-a.accepted:
+		t.Errorf("%s over %s: the server accepted a connection from %s", a.name, a.target, from)
+	default:
 	}
+}
+
+func TestIPv6LinkLocal(t *testing.T) {
+	needRoot(t)
+	// Permissive: even where plaintext from outside the mesh is let in, a pod's IPv6 is not.
+	t.Run("IPv4-only pods", func(t *testing.T) {
+		for _, a := range setupLinkLocal(t, false, conformance.ModePermissive) {
+			// Refused at once, as a closed port is: an app must not wait out its connect timeout.
+			got, err := linkLocalExchange(testCtx(t), a.from, a.target, 5*time.Second)
+			if !errors.Is(err, syscall.ECONNREFUSED) || got != "" {
+				t.Errorf("%s over %s: answer %q, error %v; want the connection refused", a.name, a.target, got, err)
+			}
+			a.requireNotAccepted(t)
+		}
+	})
+	// Dual-stack pods' IPv6 is captured like their IPv4: a connection to a link-local address
+	// goes to the daemon (inbound, where strict refuses plaintext) or nowhere (outbound: its
+	// redirect to ::1, bound to the pod's interface, has no route).
+	t.Run("dual-stack pods", func(t *testing.T) {
+		for _, a := range setupLinkLocal(t, true, conformance.ModeStrict) {
+			got, err := linkLocalExchange(testCtx(t), a.from, a.target, 2*time.Second)
+			if err == nil || got != "" {
+				t.Errorf("%s over %s: answer %q, error %v; want no answer", a.name, a.target, got, err)
+			}
+			a.requireNotAccepted(t)
+		}
+	})
 }
