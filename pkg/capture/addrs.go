@@ -12,8 +12,9 @@ import (
 // NodeAddrs lists the global unicast addresses of the current netns (the plugin runs in the
 // node's), sorted, for Config.NodeIPs of a pod with the addresses podIPs: the IPv4 ones, and the
 // IPv6 ones only when the pod has an IPv6 address, since only then can kubelet probe it over IPv6
-// (a pod without one gets IPv6 rules all the same, see Config.families). Not asking for IPv6 otherwise saves time: each pod's veth gives the node an IPv6
-// link-local address, so the node's list of them grows with its pods. Loopback and link-local
+// (a pod without one gets IPv6 rules all the same, see Config.families). Not asking for IPv6
+// otherwise saves time: each pod's veth gives the node an IPv6 link-local address, so the node's
+// list of them grows with its pods. Loopback and link-local
 // addresses are left out: probes to a pod's routable address come from a routable source, while
 // link-local addresses (169.254.1.1, fe80::...) are reused across hosts and pods, so exempting
 // them would let neighbours bypass capture.

@@ -141,8 +141,8 @@ type Installing struct {
 }
 
 // Finish waits until the capture is installed, or failed. fresh reports whether the netns held
-// none of the tables of our chains in any of the pod's families before: then whatever of ours is there is
-// this installation's doing, and Remove undoes just that.
+// none of the tables of our chains in any of the pod's families before: then whatever of ours is
+// there is this installation's doing, and Remove undoes just that.
 func (in *Installing) Finish() (fresh bool, err error) {
 	<-in.done
 	return in.fresh, in.err

@@ -5,9 +5,9 @@
 //
 // Everything happens inside the pod netns. IPv4 rules are always installed, and IPv6 rules
 // whenever the kernel has IPv6, so that a pod's IPv6 link-local address is no way around the
-// capture; IPv6 policy routing only when the pod has an IPv6 address. The iptables backend (legacy or nft) is
-// decided once per node (LoadOrDetectBackend) and used for every pod, so that the pod's rules live
-// in the same backend as the node's.
+// capture; IPv6 policy routing only when the pod has an IPv6 address. The iptables backend
+// (legacy or nft) is decided once per node (LoadOrDetectBackend) and used for every pod, so that
+// the pod's rules live in the same backend as the node's.
 package capture
 
 import (
@@ -136,9 +136,8 @@ func unmapAll(addrs []netip.Addr) []netip.Addr {
 // v6-only pod must not bypass capture), and IPv6 whenever the kernel has it, whether or not the
 // pod has an IPv6 address. A pod without one still has an IPv6 link-local address on its
 // interface, and on a shared bridge (the bridge plugin, flannel) its neighbours reach it there.
-// Its IPv6 TCP is redirected like any other, to capture ports where nothing listens (the daemon
-// serves IPv6 only for pods with an IPv6 address), so it is refused both ways instead of
-// crossing the node in plaintext.
+// The daemon serves IPv6 only for pods with an IPv6 address, so such a pod's IPv6 chains refuse
+// its TCP both ways (see chains) instead of letting it cross the node in plaintext.
 func (c Config) families() []int {
 	if c.hasIPv6() || kernelHasIPv6() {
 		return []int{4, 6}
