@@ -22,6 +22,7 @@ import (
 	"github.com/meshless/meshless/pkg/agent"
 	"github.com/meshless/meshless/pkg/capture"
 	"github.com/meshless/meshless/pkg/enroll"
+	"github.com/meshless/meshless/pkg/enrollhttp"
 	"github.com/meshless/meshless/pkg/kube"
 	meshtls "github.com/meshless/meshless/pkg/tls"
 	"github.com/meshless/meshless/pkg/tunnel"
@@ -263,7 +264,7 @@ func runCmd(args []string, stdout io.Writer) error {
 	if err := enroll.PublishBackend(f.socket, string(backend)); err != nil {
 		log.Warn("the plugin will wait for each enrollment before installing the pod's rules", "reason", err)
 	}
-	api := &http.Server{Handler: enroll.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
+	api := &http.Server{Handler: enrollhttp.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
 	go func() { errc <- serveUntil(ctx, api, sl) }()
 
 	log.Info("meshlessd ready", append([]any{

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -23,7 +22,9 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/meshless/meshless/internal/testserve"
 	"github.com/meshless/meshless/pkg/enroll"
+	"github.com/meshless/meshless/pkg/enrollhttp"
 )
 
 // runAsPluginEnv makes the test binary act as meshless-cni, so that tests run the real
@@ -197,16 +198,7 @@ func startDaemon(t *testing.T, backend string) *fakeDaemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: enroll.Handler(d), ReadHeaderTimeout: 5 * time.Second}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(l)
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	testserve.Serve(t, l, enrollhttp.Handler(d))
 	return d
 }
 

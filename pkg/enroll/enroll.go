@@ -1,7 +1,7 @@
 // Package enroll is the API between the CNI plugin (meshless-cni) and the node daemon (meshlessd):
-// HTTP/1.1 with JSON bodies over a root-only unix socket. The plugin asks the daemon to enroll
+// HTTP with JSON bodies over a root-only unix socket. The plugin asks the daemon to enroll
 // each new pod, then installs its capture rules unless the daemon skipped the pod; the daemon
-// implements Service and serves it with Handler.
+// implements Service and serves it with pkg/enrollhttp's Handler.
 package enroll
 
 import (
@@ -80,4 +80,25 @@ type Service interface {
 	GC(ctx context.Context, keep []string) (removed []string, err error)
 	// Status describes the daemon.
 	Status(ctx context.Context) Status
+}
+
+// MaxBodyBytes bounds request bodies: a pod is well under 4 KiB, a GC keep list of a few
+// thousand container IDs well under 1 MiB.
+const MaxBodyBytes = 1 << 20
+
+// GCRequest is the body of POST /v1/gc.
+type GCRequest struct {
+	// Keep lists the container IDs that are still valid; it must be present, and an empty list
+	// forgets every pod.
+	Keep []string `json:"keep"`
+}
+
+// GCResponse is the answer to POST /v1/gc.
+type GCResponse struct {
+	Removed []string `json:"removed"`
+}
+
+// ErrorBody is the body of every error answer.
+type ErrorBody struct {
+	Error string `json:"error"`
 }
