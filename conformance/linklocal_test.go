@@ -19,27 +19,16 @@ import (
 	"github.com/meshless/meshless/conformance"
 )
 
-// linkLocal returns the pod's IPv6 link-local address on its CNI interface, with the zone, once
-// duplicate address detection has finished with it (a tentative address cannot be used).
+// linkLocal returns the pod's link-local address, waiting at most 10 s for it to become usable.
 func linkLocal(t *testing.T, p *conformance.Pod) netip.Addr {
 	t.Helper()
-	ifname := p.RuntimeConf().IfName
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		out, err := p.Exec(testCtx(t), "ip", "-6", "-o", "addr", "show", "dev", ifname, "scope", "link", "-tentative")
-		if err != nil {
-			t.Fatalf("addresses of %s: %v: %s", p, err, out)
-		}
-		for f := range strings.FieldsSeq(string(out)) {
-			if pfx, err := netip.ParsePrefix(f); err == nil && pfx.Addr().IsLinkLocalUnicast() {
-				return pfx.Addr().WithZone(ifname)
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s has no usable IPv6 link-local address on %s: %s", p, ifname, out)
-		}
-		time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+	defer cancel()
+	a, err := p.LinkLocal(ctx)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return a
 }
 
 // linkLocalServer accepts connections in a pod on every address over IPv6 and answers each with

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
@@ -281,6 +282,29 @@ func (p *Pod) Start(name string, argv ...string) (*Process, error) {
 // capture rules like any application's.
 func (p *Pod) Dial(ctx context.Context, network, address string) (net.Conn, error) {
 	return DialIn(ctx, p.NetnsPath(), network, address)
+}
+
+// LinkLocal returns the pod's IPv6 link-local address on its CNI interface, with the interface
+// as its zone, once duplicate address detection has finished with it (a tentative address cannot
+// be used). Every pod has one, whether or not CNI gave it an IPv6 address.
+func (p *Pod) LinkLocal(ctx context.Context) (netip.Addr, error) {
+	ifname := p.rt.IfName
+	for {
+		out, err := p.Exec(ctx, "ip", "-6", "-o", "addr", "show", "dev", ifname, "scope", "link", "-tentative")
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("addresses of %s on %s: %w: %s", p, ifname, err, out)
+		}
+		for f := range strings.FieldsSeq(string(out)) {
+			if pfx, err := netip.ParsePrefix(f); err == nil && pfx.Addr().IsLinkLocalUnicast() {
+				return pfx.Addr().WithZone(ifname), nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return netip.Addr{}, fmt.Errorf("%s has no usable IPv6 link-local address on %s: %w", p, ifname, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // String names the pod for messages.

@@ -204,7 +204,38 @@ func run(ctx context.Context, env *conformance.CleanupStack) error {
 	fmt.Printf("   marker %q in clear: nowhere in %d packets\n", marker, packets)
 	fmt.Println("   PROOF: every byte between the pods, on one node and between nodes, was a TLS record,")
 	fmt.Println("   on the application's own port")
+
+	if err := showNoWayAround(ctx, frontend, cart); err != nil {
+		return err
+	}
 	fmt.Println("\ndemo OK; cleaning up")
+	return nil
+}
+
+// showNoWayAround dials, from the client pod, the server pod's IPv6 link-local address, which
+// every pod has on its interface even without an IPv6 address from CNI, and which the server's
+// app listens on: the capture must refuse the connection.
+func showNoWayAround(ctx context.Context, client, server *conformance.Pod) error {
+	waitCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	ll, err := server.LinkLocal(waitCtx)
+	if err != nil {
+		return err
+	}
+	target := netip.AddrPortFrom(ll, port)
+	fmt.Printf("\n5. no way around: %s dials %s's IPv6 link-local address %s\n", client.Name, server.Name, target)
+	fmt.Printf("   (the pods have no IPv6 address from CNI, but link-local ones; %s's app listens on them too)\n", server.Name)
+	start := time.Now()
+	c, err := client.Dial(waitCtx, "tcp6", target.String())
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("%s reached %s over IPv6 link-local, around the mesh", client.Name, server.Name)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("%s to %s over IPv6 link-local: %w, want the connection refused", client.Name, server.Name, err)
+	}
+	fmt.Printf("   connection refused after %v: a pod without an IPv6 address has its IPv6 TCP refused both ways\n",
+		time.Since(start).Round(10*time.Microsecond))
 	return nil
 }
 
