@@ -95,6 +95,29 @@ type linkLocalAttempt struct {
 	accepted chan netip.AddrPort
 }
 
+// linkLocalNode starts a cluster of one node for the tests of this file, dual-stack if ipv6.
+func linkLocalNode(t *testing.T, ipv6 bool, mode string) *conformance.Node {
+	t.Helper()
+	c, err := conformance.NewCluster(t, conformance.ClusterConfig{
+		Bins:       binaries(t),
+		IPv6:       ipv6,
+		Mode:       mode,
+		NodePrefix: "mlllnode-",
+		PodPrefix:  "mlllpod-",
+		Workloads: map[string]string{
+			"ll/client": "client-sa", "ll/server": "server-sa", "ll/old": "old-sa", "ll/new": "new-sa",
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node, err := c.AddNode(testCtx(t), conformance.NodeConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return node
+}
+
 // setupLinkLocal starts a node with two mesh pods and two plain pods, servers on every IPv6
 // address in the mesh pod "server" and the plain pod "plain-b", and checks that link-local TCP
 // works between the plain pods, so that what fails between the others is the capture's doing.
@@ -102,21 +125,7 @@ type linkLocalAttempt struct {
 func setupLinkLocal(t *testing.T, ipv6 bool, mode string) []linkLocalAttempt {
 	t.Helper()
 	ctx := testCtx(t)
-	c, err := conformance.NewCluster(t, conformance.ClusterConfig{
-		Bins:       binaries(t),
-		IPv6:       ipv6,
-		Mode:       mode,
-		NodePrefix: "mlllnode-",
-		PodPrefix:  "mlllpod-",
-		Workloads:  map[string]string{"ll/client": "client-sa", "ll/server": "server-sa"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	node, err := c.AddNode(ctx, conformance.NodeConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	node := linkLocalNode(t, ipv6, mode)
 	var pods []*conformance.Pod
 	for _, name := range []string{"client", "server", "plain-a", "plain-b"} {
 		add := node.AddPod
@@ -185,4 +194,63 @@ func TestIPv6LinkLocal(t *testing.T) {
 			a.requireNotAccepted(t)
 		}
 	})
+}
+
+// TestIPv6RefusalMissingIsLogged plays an upgrade: a pod captured by a meshless-cni older than
+// the IPv6 refusal has no IPv6 chains, and its link-local address is a way around the mesh until
+// it is recreated. The daemon names it, and only it, when it starts.
+func TestIPv6RefusalMissingIsLogged(t *testing.T) {
+	needRoot(t)
+	ctx := testCtx(t)
+	node := linkLocalNode(t, false, conformance.ModeStrict)
+	old, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "new"}); err != nil {
+		t.Fatal(err)
+	}
+	removeIPv6RefusalByHand(t, old)
+
+	since := logLen(t, node)
+	if err := node.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	done := waitRecords(t, node, since, 1, "msg", "IPv6 refusal checked")[0]
+	if done.String("pods") != "2" || done.String("unrefused") != "1" {
+		t.Errorf("summary %v, want 2 pods checked and 1 unrefused", done)
+	}
+	l, err := node.Logs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	warned := l.Since(since).Find("msg", "pod's IPv6 link-local address is not captured: recreate the pod")
+	if len(warned) != 1 || warned[0].String("pod") != old.Name || warned[0].String("namespace") != old.Namespace {
+		t.Errorf("warnings %v, want one naming %s", warned, old)
+	}
+}
+
+// removeIPv6RefusalByHand takes the IPv6 chains out of a pod without an IPv6 address, with
+// whichever iptables backend holds them, as an earlier meshless-cni left such a pod.
+func removeIPv6RefusalByHand(t *testing.T, p *conformance.Pod) {
+	t.Helper()
+	ctx := testCtx(t)
+	for _, backend := range []string{"nft", "legacy"} {
+		tool := "ip6tables-" + backend
+		out, err := p.Exec(ctx, tool+"-save", "-t", "filter")
+		if err != nil || !strings.Contains(string(out), "MESHLESS_OUTPUT") {
+			continue
+		}
+		script := strings.Join([]string{
+			tool + " -t filter -D OUTPUT -p tcp -j MESHLESS_OUTPUT",
+			tool + " -t filter -D INPUT -p tcp -j MESHLESS_INBOUND",
+			tool + " -t filter -F MESHLESS_OUTPUT", tool + " -t filter -X MESHLESS_OUTPUT",
+			tool + " -t filter -F MESHLESS_INBOUND", tool + " -t filter -X MESHLESS_INBOUND",
+		}, " && ")
+		if out, err := p.Exec(ctx, "sh", "-c", script); err != nil {
+			t.Fatalf("remove the IPv6 chains of %s: %v: %s", p, err, out)
+		}
+		return
+	}
+	t.Fatalf("%s has no IPv6 refusal chains with either iptables backend", p)
 }

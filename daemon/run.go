@@ -251,6 +251,7 @@ func runCmd(args []string, stdout io.Writer) error {
 
 	restored := ag.Restore()
 	go ag.Reconcile(ctx, 5*time.Second)
+	go ag.WarnUnrefusedIPv6()
 	if kv.pods != nil && f.adopt.interval > 0 {
 		go adoptRunning(ctx, f, ag, kv.pods, log)
 	}

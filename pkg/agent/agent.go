@@ -390,6 +390,37 @@ func (a *Agent) stillThere(rec record) error {
 	return nil
 }
 
+// WarnUnrefusedIPv6 logs a warning for each served pod whose IPv6 link-local address is a way
+// around its capture (capture.LacksIPv6Refusal): a pod without an IPv6 address that an earlier
+// meshless-cni captured, before pods got the IPv6 chains that refuse such traffic. Only
+// recreating the pod closes it: its capture's exclusions, which the chains repeat, are not known
+// here. It runs iptables programs in each such pod's netns, so the daemon calls it once, in the
+// background, after Restore; a last line says how many pods it checked and found.
+func (a *Agent) WarnUnrefusedIPv6() {
+	a.mu.Lock()
+	var pods []enroll.Pod
+	for _, pd := range a.pods {
+		if pd.served() {
+			pods = append(pods, pd.rec.Enrollment.Pod)
+		}
+	}
+	a.mu.Unlock()
+	found := 0
+	for _, p := range pods {
+		lacks, err := capture.LacksIPv6Refusal(p.Netns, a.cfg.Backend, p.IPs)
+		if err != nil {
+			a.cfg.Log.Warn("IPv6 refusal not checked", "pod", p.Name, "namespace", p.Namespace, "reason", err)
+			continue
+		}
+		if lacks {
+			found++
+			a.cfg.Log.Warn("pod's IPv6 link-local address is not captured: recreate the pod", "pod", p.Name, "namespace", p.Namespace,
+				"reason", "captured by a meshless-cni older than the IPv6 refusal")
+		}
+	}
+	a.cfg.Log.Info("IPv6 refusal checked", "pods", len(pods), "unrefused", found)
+}
+
 // Reconcile forgets, every interval until ctx ends, the pods whose network
 // namespace has gone without a CNI DEL reaching us (the daemon was down or
 // unreachable when the runtime tore the pod down), and retries the restored

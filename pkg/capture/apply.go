@@ -450,6 +450,35 @@ func Check(nsPath string, c Config) error {
 	return nil
 }
 
+// LacksIPv6Refusal reports whether the pod in the netns at nsPath, which has the addresses podIPs,
+// should have the IPv6 chains that refuse its TCP (a pod without an IPv6 address, see
+// Config.families) but has not, as a pod that an earlier meshless-cni captured: its IPv6
+// link-local address is then a way around the capture until the pod is recreated. It runs one
+// iptables program in the netns.
+func LacksIPv6Refusal(nsPath string, b Backend, podIPs []netip.Addr) (bool, error) {
+	c := Config{Backend: b, PodIPs: podIPs}.normalized()
+	if c.hasIPv6() || !slices.Contains(c.families(), 6) {
+		return false, nil
+	}
+	tools, err := resolveTools(b, []int{6})
+	if err != nil {
+		return false, err
+	}
+	var exists bool
+	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		ipt, err := tools[0].handle()
+		if err != nil {
+			return err
+		}
+		exists, err = ipt.ChainExists("filter", ChainOutbound)
+		return err
+	})
+	if err != nil {
+		return false, fmt.Errorf("look for the IPv6 refusal in netns %s: %w", nsPath, err)
+	}
+	return !exists, nil
+}
+
 // checkFamily returns the problems found in one family's chains; err is for failures to look.
 func checkFamily(t familyTools, c Config) (problems []error, err error) {
 	ipt, err := t.handle()

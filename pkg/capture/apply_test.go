@@ -187,8 +187,8 @@ func TestApplyCheckRemove(t *testing.T) {
 
 // TestIPv4OnlyPodGetsIPv6Chains: a pod without an IPv6 address gets the IPv6 chains all the same
 // (its link-local address must be no way around the capture), but no IPv6 policy routing, which
-// only the daemon's IPv6 sockets need. A pod captured before the IPv6 chains existed fails Check
-// until they are applied.
+// only the daemon's IPv6 sockets need. A pod captured before the IPv6 chains existed fails Check,
+// and LacksIPv6Refusal reports it, until they are applied.
 func TestIPv4OnlyPodGetsIPv6Chains(t *testing.T) {
 	needRoot(t)
 	for _, b := range backends {
@@ -206,6 +206,7 @@ func TestIPv4OnlyPodGetsIPv6Chains(t *testing.T) {
 			}
 			assertRouting(t, netns, 4, true)
 			assertRouting(t, netns, 6, false)
+			assertLacksIPv6Refusal(t, path, c, false)
 
 			tools, err := resolveTools(b, []int{6})
 			if err != nil {
@@ -217,12 +218,16 @@ func TestIPv4OnlyPodGetsIPv6Chains(t *testing.T) {
 			if err := Check(path, c); err == nil || !strings.Contains(err.Error(), "IPv6 filter chain MESHLESS_OUTPUT is missing") {
 				t.Errorf("Check without the IPv6 chains = %v, want it to report them missing", err)
 			}
+			assertLacksIPv6Refusal(t, path, c, true)
+			// A dual-stack pod's IPv6 chains redirect instead: it never lacks the refusal.
+			assertLacksIPv6Refusal(t, path, podConfig(b, true), false)
 			if err := Apply(path, c); err != nil {
 				t.Fatalf("Apply again: %v", err)
 			}
 			if err := Check(path, c); err != nil {
 				t.Errorf("Check after applying again: %v", err)
 			}
+			assertLacksIPv6Refusal(t, path, c, false)
 			if err := Remove(path, c); err != nil {
 				t.Fatalf("Remove: %v", err)
 			}
@@ -233,6 +238,13 @@ func TestIPv4OnlyPodGetsIPv6Chains(t *testing.T) {
 			}
 			assertRouting(t, netns, 4, false)
 		})
+	}
+}
+
+func assertLacksIPv6Refusal(t *testing.T, path string, c Config, want bool) {
+	t.Helper()
+	if got, err := LacksIPv6Refusal(path, c.Backend, c.PodIPs); err != nil || got != want {
+		t.Errorf("LacksIPv6Refusal(%v) = %v, %v; want %v", c.PodIPs, got, err, want)
 	}
 }
 
