@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os/exec"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -408,6 +409,11 @@ func (a *Agent) WarnUnrefusedIPv6() {
 	found := 0
 	for _, p := range pods {
 		lacks, err := capture.LacksIPv6Refusal(p.Netns, a.cfg.Backend, p.IPs)
+		if errors.Is(err, exec.ErrNotFound) {
+			// An image without iptables (see the Dockerfile's static target): no pod can be checked.
+			a.cfg.Log.Warn("IPv6 refusal not checked", "reason", err)
+			return
+		}
 		if err != nil {
 			a.cfg.Log.Warn("IPv6 refusal not checked", "pod", p.Name, "namespace", p.Namespace, "reason", err)
 			continue

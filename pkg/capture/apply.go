@@ -22,7 +22,7 @@ const lockWaitSeconds = 30
 // sbinDirs are searched after PATH: container runtimes may run plugins with a PATH lacking them.
 var sbinDirs = []string{"/usr/sbin", "/sbin", "/usr/local/sbin"}
 
-// lookTool finds an iptables program by name.
+// lookTool finds an iptables program by name; its error wraps exec.ErrNotFound.
 func lookTool(name string) (string, error) {
 	if p, err := exec.LookPath(name); err == nil {
 		return p, nil
@@ -32,8 +32,8 @@ func lookTool(name string) (string, error) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("%s not found in PATH or %s (is the iptables package installed?)",
-		name, strings.Join(sbinDirs, ", "))
+	return "", fmt.Errorf("%s: %w (nor in %s; is the iptables package installed?)",
+		name, exec.ErrNotFound, strings.Join(sbinDirs, ", "))
 }
 
 // toolName returns the program of a backend and family, e.g. ip6tables-nft or iptables-legacy-restore.

@@ -1,9 +1,11 @@
 package capture
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -245,6 +247,15 @@ func assertLacksIPv6Refusal(t *testing.T, path string, c Config, want bool) {
 	t.Helper()
 	if got, err := LacksIPv6Refusal(path, c.Backend, c.PodIPs); err != nil || got != want {
 		t.Errorf("LacksIPv6Refusal(%v) = %v, %v; want %v", c.PodIPs, got, err, want)
+	}
+}
+
+// TestMissingTool: a program that is nowhere is an error callers can tell apart (exec.ErrNotFound)
+// and that names the program and where it was looked for.
+func TestMissingTool(t *testing.T) {
+	_, err := lookTool("ip6tables-meshless-missing-restore")
+	if !errors.Is(err, exec.ErrNotFound) || !strings.Contains(err.Error(), "ip6tables-meshless-missing-restore") || !strings.Contains(err.Error(), "/usr/sbin") {
+		t.Errorf("lookTool(missing) = %v, want exec.ErrNotFound naming the program and /usr/sbin", err)
 	}
 }
 
