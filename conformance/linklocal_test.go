@@ -31,8 +31,8 @@ func linkLocal(t *testing.T, p *conformance.Pod) netip.Addr {
 	return a
 }
 
-// linkLocalServer accepts connections in a pod on every address over IPv6 and answers each with
-// what it read, up to a newline.
+// linkLocalServer accepts connections in a pod on every address over IPv6 and echoes each one's
+// first read (up to 64 bytes).
 type linkLocalServer struct {
 	port     uint16
 	accepted chan netip.AddrPort

@@ -395,7 +395,7 @@ func (a *Agent) stillThere(rec record) error {
 // around its capture (capture.LacksIPv6Refusal): a pod without an IPv6 address that an earlier
 // meshless-cni captured, before pods got the IPv6 chains that refuse such traffic. Only
 // recreating the pod closes it: its capture's exclusions, which the chains repeat, are not known
-// here. It runs iptables programs in each such pod's netns, so the daemon calls it once, in the
+// here. It runs one ip6tables-save in each such pod's netns, so the daemon calls it once, in the
 // background, after Restore; a last line says how many pods it checked and found.
 func (a *Agent) WarnUnrefusedIPv6() {
 	a.mu.Lock()

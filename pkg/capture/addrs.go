@@ -14,10 +14,10 @@ import (
 // IPv6 ones only when the pod has an IPv6 address, since only then can kubelet probe it over IPv6
 // (a pod without one gets IPv6 rules all the same, see Config.families). Not asking for IPv6
 // otherwise saves time: each pod's veth gives the node an IPv6 link-local address, so the node's
-// list of them grows with its pods. Loopback and link-local
-// addresses are left out: probes to a pod's routable address come from a routable source, while
-// link-local addresses (169.254.1.1, fe80::...) are reused across hosts and pods, so exempting
-// them would let neighbours bypass capture.
+// list of them grows with its pods. Loopback and link-local addresses are left out: probes to a
+// pod's routable address come from a routable source, while link-local addresses (169.254.1.1,
+// fe80::...) are reused across hosts and pods, so exempting them would let neighbours bypass
+// capture.
 func NodeAddrs(podIPs []netip.Addr) ([]netip.Addr, error) {
 	family := netlink.FAMILY_V4
 	if (Config{PodIPs: podIPs}).hasIPv6() {

@@ -110,8 +110,8 @@ func prepare(c Config) (Config, []familyTools, error) {
 // applyFamily) together with whichever jumps are missing, so a pod is never half captured and
 // applying twice leaves exactly one copy of everything. Concurrent Apply calls on the same netns
 // are not supported (the runtime serialises the CNI calls of one pod). The families are
-// independent and go in side by side, and the policy routing beside them: a pod's
-// ADD waits for the slowest, not for the sum.
+// independent and go in side by side, and the policy routing beside them: a pod's ADD waits for
+// the slowest, not for the sum.
 func Apply(nsPath string, c Config) error {
 	_, err := start(nsPath, c, known(c.NodeIPs)).Finish()
 	return err
@@ -454,29 +454,21 @@ func Check(nsPath string, c Config) error {
 // should have the IPv6 chains that refuse its TCP (a pod without an IPv6 address, see
 // Config.families) but has not, as a pod that an earlier meshless-cni captured: its IPv6
 // link-local address is then a way around the capture until the pod is recreated. It runs one
-// iptables program in the netns.
+// ip6tables-save in the netns and looks for the jump into the outbound refusal.
 func LacksIPv6Refusal(nsPath string, b Backend, podIPs []netip.Addr) (bool, error) {
-	c := Config{Backend: b, PodIPs: podIPs}.normalized()
-	if c.hasIPv6() || !slices.Contains(c.families(), 6) {
+	if (Config{PodIPs: podIPs}).hasIPv6() || !kernelHasIPv6() {
 		return false, nil
 	}
-	tools, err := resolveTools(b, []int{6})
-	if err != nil {
-		return false, err
-	}
-	var exists bool
-	err = ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-		ipt, err := tools[0].handle()
-		if err != nil {
-			return err
-		}
-		exists, err = ipt.ChainExists("filter", ChainOutbound)
+	var saved []byte
+	err := ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		var err error
+		saved, err = familyTools{backend: b, family: 6}.runSave()
 		return err
 	})
 	if err != nil {
 		return false, fmt.Errorf("look for the IPv6 refusal in netns %s: %w", nsPath, err)
 	}
-	return !exists, nil
+	return !jumpsIn(saved)[jumpKey{"filter", "OUTPUT", ChainOutbound}], nil
 }
 
 // checkFamily returns the problems found in one family's chains; err is for failures to look.
