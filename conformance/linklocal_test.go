@@ -3,7 +3,7 @@ package conformance_test
 // Every pod gets an IPv6 link-local address on its interface, whether or not CNI gave it an IPv6
 // address, and on a shared bridge (the bridge plugin, flannel) pods reach each other over them.
 // TCP over them must not be a way around the mesh: a pod without an IPv6 address refuses it both
-// ways, and a dual-stack pod's capture takes it like any other.
+// ways; a dual-stack pod refuses its own and captures the rest like any other.
 
 import (
 	"context"
@@ -91,6 +91,7 @@ func linkLocalExchange(ctx context.Context, from *conformance.Pod, target netip.
 type linkLocalAttempt struct {
 	name     string
 	from     *conformance.Pod
+	fromMesh bool
 	target   netip.AddrPort
 	accepted chan netip.AddrPort
 }
@@ -153,9 +154,9 @@ func setupLinkLocal(t *testing.T, ipv6 bool, mode string) []linkLocalAttempt {
 	<-plainSrv.accepted
 
 	return []linkLocalAttempt{
-		{"mesh pod to mesh pod", client, serverLL, serverSrv.accepted},
-		{"plain pod to mesh pod", plainA, serverLL, serverSrv.accepted},
-		{"mesh pod to plain pod", client, plainLL, plainSrv.accepted},
+		{"mesh pod to mesh pod", client, true, serverLL, serverSrv.accepted},
+		{"plain pod to mesh pod", plainA, false, serverLL, serverSrv.accepted},
+		{"mesh pod to plain pod", client, true, plainLL, plainSrv.accepted},
 	}
 }
 
@@ -182,13 +183,18 @@ func TestIPv6LinkLocal(t *testing.T) {
 			a.requireNotAccepted(t)
 		}
 	})
-	// Dual-stack pods' IPv6 is captured like their IPv4: a connection to a link-local address
-	// goes to the daemon (inbound, where strict refuses plaintext) or nowhere (outbound: its
-	// redirect to ::1, bound to the pod's interface, has no route).
+	// Dual-stack pods' IPv6 is captured like their IPv4, except their own connections to a
+	// link-local address, which cannot be (their redirect to ::1, bound to the pod's interface,
+	// has no route): those are refused at once too. A connection to their link-local address
+	// goes to the daemon, where strict refuses plaintext.
 	t.Run("dual-stack pods", func(t *testing.T) {
 		for _, a := range setupLinkLocal(t, true, conformance.ModeStrict) {
 			got, err := linkLocalExchange(testCtx(t), a.from, a.target, 2*time.Second)
-			if err == nil || got != "" {
+			if a.fromMesh {
+				if !errors.Is(err, syscall.ECONNREFUSED) || got != "" {
+					t.Errorf("%s over %s: answer %q, error %v; want the connection refused", a.name, a.target, got, err)
+				}
+			} else if err == nil || got != "" {
 				t.Errorf("%s over %s: answer %q, error %v; want no answer", a.name, a.target, got, err)
 			}
 			a.requireNotAccepted(t)

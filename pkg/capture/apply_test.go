@@ -38,13 +38,12 @@ func save(t *testing.T, netns string, b Backend, family int) string {
 }
 
 // assertInstalledOnce checks the save output holds each chain with exactly its rules, entered by
-// exactly one jump.
+// exactly one jump, in the chain's table.
 func assertInstalledOnce(t *testing.T, saved string, c Config, family int) {
 	t.Helper()
-	lines := strings.Split(saved, "\n")
 	for _, ch := range chains(c.normalized(), family) {
 		var rules, jumps int
-		for _, l := range lines {
+		for _, l := range savedTable(saved, ch.table) {
 			if strings.HasPrefix(l, "-A "+ch.name+" ") {
 				rules++
 			}
@@ -53,9 +52,19 @@ func assertInstalledOnce(t *testing.T, saved string, c Config, family int) {
 			}
 		}
 		if rules != len(ch.rules) || jumps != 1 {
-			t.Errorf("IPv%d %s: %d rules (want %d), %d jumps (want 1):\n%s", family, ch.name, rules, len(ch.rules), jumps, saved)
+			t.Errorf("IPv%d %s %s: %d rules (want %d), %d jumps (want 1):\n%s", family, ch.table, ch.name, rules, len(ch.rules), jumps, saved)
 		}
 	}
+}
+
+// savedTable returns the lines of one table in iptables-save output.
+func savedTable(saved, table string) []string {
+	_, after, ok := strings.Cut(saved, "*"+table+"\n")
+	if !ok {
+		return nil
+	}
+	lines, _, _ := strings.Cut(after, "COMMIT\n")
+	return strings.Split(lines, "\n")
 }
 
 func assertRouting(t *testing.T, netns string, family int, want bool) {

@@ -64,8 +64,8 @@ func TestHoldsNoTables(t *testing.T) {
 	}
 }
 
-// TestApplyKeepsForeignRules applies into a netns whose nat and mangle tables already hold
-// someone else's rules, before and after an interrupted Apply left our chains without their
+// TestApplyKeepsForeignRules applies into a netns whose nat, mangle and filter tables already
+// hold someone else's rules, before and after an interrupted Apply left our chains without their
 // jumps: ours end up installed exactly once, theirs untouched, and Remove takes only ours.
 func TestApplyKeepsForeignRules(t *testing.T) {
 	needRoot(t)
@@ -77,6 +77,7 @@ func TestApplyKeepsForeignRules(t *testing.T) {
 				{"-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "53", "-j", "RETURN"},
 				{"-t", "nat", "-A", "POSTROUTING", "-j", "MASQUERADE"},
 				{"-t", "mangle", "-A", "PREROUTING", "-m", "comment", "--comment", "someone else", "-j", "RETURN"},
+				{"-t", "filter", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT"},
 			}
 			for _, family := range []int{4, 6} {
 				for _, r := range foreign {
@@ -102,7 +103,7 @@ func TestApplyKeepsForeignRules(t *testing.T) {
 			for _, family := range []int{4, 6} {
 				saved := save(t, netns, b, family)
 				assertInstalledOnce(t, saved, c, family)
-				for _, want := range []string{"-A OUTPUT -p udp -m udp --dport 53 -j RETURN", "-A POSTROUTING -j MASQUERADE", `--comment "someone else" -j RETURN`} {
+				for _, want := range []string{"-A OUTPUT -p udp -m udp --dport 53 -j RETURN", "-A POSTROUTING -j MASQUERADE", `--comment "someone else" -j RETURN`, "-A OUTPUT -p udp -j ACCEPT"} {
 					if !strings.Contains(saved, want) {
 						t.Errorf("IPv%d: foreign rule %q gone after Apply:\n%s", family, want, saved)
 					}

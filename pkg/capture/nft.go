@@ -124,6 +124,12 @@ func (r rule) exprs(family int) []expr.Any {
 	if r.out != "" {
 		e = append(e, &expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1}, ifnameCmp(r.out))
 	}
+	// iptables-nft matches the protocol before the addresses.
+	if r.tcp {
+		e = append(e,
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}})
+	}
 	srcOffset, dstOffset := uint32(12), uint32(16)
 	if family == 6 {
 		srcOffset, dstOffset = 8, 24
@@ -133,11 +139,6 @@ func (r rule) exprs(family int) []expr.Any {
 	}
 	if r.dst.IsValid() {
 		e = append(e, addrMatch(r.dst, dstOffset)...)
-	}
-	if r.tcp {
-		e = append(e,
-			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}})
 	}
 	if r.dport != 0 {
 		e = append(e,

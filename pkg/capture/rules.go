@@ -157,10 +157,20 @@ func chains(c Config, family int) []chain {
 			{table: "filter", name: ChainInbound, parent: "INPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainInbound}, rules: append(in, reject)},
 		}
 	}
+	var refusal []chain
+	if family == 6 {
+		// The pod's own connection to a link-local address cannot be captured: redirected, it
+		// goes to ::1 bound to the pod's interface, which has no route, and the app would wait
+		// out its connect timeout. It is left out of the redirect and refused with a reset, as
+		// above, after the same exclusions.
+		refuse := append(slices.Clip(out), rule{tcp: true, rst: true}, rule{dst: linkLocalIPv6, tcp: true, verdict: verdictResetIPv6})
+		refusal = []chain{{table: "filter", name: ChainOutbound, parent: "OUTPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainOutbound}, rules: refuse}}
+		out = append(out, rule{dst: linkLocalIPv6})
+	}
 	out = append(out, rule{tcp: true, verdict: verdictRedirect, toPort: OutboundPort})
 	in = append(in, rule{tcp: true, verdict: verdictRedirect, toPort: InboundPort})
 
-	return []chain{
+	return append([]chain{
 		{table: "nat", name: ChainOutbound, parent: "OUTPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainOutbound}, rules: out},
 		{table: "nat", name: ChainInbound, parent: "PREROUTING", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainInbound}, rules: in},
 		{
@@ -175,8 +185,11 @@ func chains(c Config, family int) []chain {
 			// the policy rule routes to lo, where the daemon's socket receives them.
 			rules: []rule{{connmark: true, verdict: verdictRestoreMark}},
 		},
-	}
+	}, refusal...)
 }
+
+// linkLocalIPv6 holds the IPv6 link-local addresses, which every interface has.
+var linkLocalIPv6 = netip.MustParsePrefix("fe80::/10")
 
 // Rules returns the iptables-restore input (for use with --noflush) that defines the chains of
 // one family (4 or 6; any other value yields ""). Declaring a chain flushes it, so applying the

@@ -54,6 +54,7 @@ func TestRulesIPv6(t *testing.T) {
 		"-A MESHLESS_OUTPUT -d fd00:ec2::254/128 -j RETURN",
 		"-A MESHLESS_OUTPUT -p tcp -m tcp --dport 53 -j RETURN",
 		"-A MESHLESS_OUTPUT -p tcp -m tcp --dport 443 -j RETURN",
+		"-A MESHLESS_OUTPUT -d fe80::/10 -j RETURN",
 		"-A MESHLESS_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
 		"-A MESHLESS_INBOUND -s fd00:1::10/128 -j RETURN",
 		"-A MESHLESS_INBOUND -p tcp -m tcp --dport 9090 -j RETURN",
@@ -63,6 +64,28 @@ func TestRulesIPv6(t *testing.T) {
 		if !strings.Contains(got, line+"\n") {
 			t.Errorf("Rules(v6) lacks %q:\n%s", line, got)
 		}
+	}
+	// The pod's own link-local TCP is refused, after the exclusions, and not redirected.
+	_, filter, ok := strings.Cut(got, "*filter\n")
+	if !ok {
+		t.Fatalf("Rules(v6) has no filter table:\n%s", got)
+	}
+	const refusal = `:MESHLESS_OUTPUT - [0:0]
+-A MESHLESS_OUTPUT -m mark --mark 0x5ec/0xfff -j RETURN
+-A MESHLESS_OUTPUT -o lo -j RETURN
+-A MESHLESS_OUTPUT -d fd00:10:244::5/128 -j RETURN
+-A MESHLESS_OUTPUT -d fd00:ec2::254/128 -j RETURN
+-A MESHLESS_OUTPUT -p tcp -m tcp --dport 53 -j RETURN
+-A MESHLESS_OUTPUT -p tcp -m tcp --dport 443 -j RETURN
+-A MESHLESS_OUTPUT -p tcp -m tcp --tcp-flags RST RST -j RETURN
+-A MESHLESS_OUTPUT -d fe80::/10 -p tcp -m tcp -j REJECT --reject-with tcp-reset
+COMMIT
+`
+	if filter != refusal {
+		t.Errorf("Rules(v6) filter table =\n%s\nwant\n%s", filter, refusal)
+	}
+	if i, j := strings.Index(got, "-d fe80::/10 -j RETURN"), strings.Index(got, "-j REDIRECT --to-ports 15001"); i > j {
+		t.Errorf("Rules(v6) redirects before it lets link-local destinations pass:\n%s", got)
 	}
 	// No IPv4 address may leak into the IPv6 ruleset (ip6tables-restore would reject it).
 	for _, v4 := range []string{"10.244.0.5", "192.168.1.10", "169.254.169.254", "10.96.0.0"} {
