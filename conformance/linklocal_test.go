@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -31,8 +32,8 @@ func linkLocal(t *testing.T, p *conformance.Pod) netip.Addr {
 	return a
 }
 
-// linkLocalServer accepts connections in a pod on every address over IPv6 and echoes each one's
-// first read (up to 64 bytes).
+// linkLocalServer accepts connections in a pod on every address, IPv6 and IPv4, and echoes each
+// one's first read (up to 64 bytes).
 type linkLocalServer struct {
 	port     uint16
 	accepted chan netip.AddrPort
@@ -40,7 +41,7 @@ type linkLocalServer struct {
 
 func listenLinkLocal(t *testing.T, p *conformance.Pod) *linkLocalServer {
 	t.Helper()
-	ln, err := p.Listen("tcp6", "[::]:0")
+	ln, err := p.Listen("tcp", "[::]:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,11 +68,11 @@ func listenLinkLocal(t *testing.T, p *conformance.Pod) *linkLocalServer {
 	return s
 }
 
-// linkLocalExchange dials target from the pod over IPv6, sends a line and returns the answer.
+// linkLocalExchange dials target from the pod, sends a line and returns the answer.
 func linkLocalExchange(ctx context.Context, from *conformance.Pod, target netip.AddrPort, timeout time.Duration) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c, err := from.Dial(ctx, "tcp6", target.String())
+	c, err := from.Dial(ctx, "tcp", target.String())
 	if err != nil {
 		return "", err
 	}
@@ -106,7 +107,7 @@ func linkLocalNode(t *testing.T, ipv6 bool, mode string) *conformance.Node {
 		NodePrefix: "mlllnode-",
 		PodPrefix:  "mlllpod-",
 		Workloads: map[string]string{
-			"ll/client": "client-sa", "ll/server": "server-sa", "ll/old": "old-sa", "ll/new": "new-sa",
+			"ll/client": "client-sa", "ll/server": "server-sa", "ll/old": "old-sa", "ll/new": "new-sa", "ll/plain": "plain-sa",
 		},
 	})
 	if err != nil {
@@ -202,30 +203,39 @@ func TestIPv6LinkLocal(t *testing.T) {
 	})
 }
 
-// TestIPv6RefusalMissingIsLogged plays an upgrade: a pod captured by a meshless-cni older than
-// the IPv6 refusal has no IPv6 chains, and its link-local address is a way around the mesh until
-// it is recreated. The daemon names it, and only it, when it starts.
-func TestIPv6RefusalMissingIsLogged(t *testing.T) {
+// TestIPv6RefusalMissingIsRepaired plays an upgrade: a pod captured by a meshless-cni older than
+// the IPv6 refusal has no IPv6 chains, and its link-local address is a way around the mesh. When
+// the daemon starts, it runs the plugin again for that pod, and only it, which closes the way
+// and leaves the pod's mesh traffic as it was; where it cannot (no plugin where it looks), it
+// names the pod in a warning.
+func TestIPv6RefusalMissingIsRepaired(t *testing.T) {
 	needRoot(t)
 	ctx := testCtx(t)
 	node := linkLocalNode(t, false, conformance.ModeStrict)
-	old, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "old"})
-	if err != nil {
-		t.Fatal(err)
+	var pods []*conformance.Pod
+	for _, name := range []string{"old", "new", "plain"} {
+		add := node.AddPod
+		if name == "plain" {
+			add = node.AddPlainPod
+		}
+		p, err := add(ctx, conformance.PodConfig{Namespace: "ll", Name: name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pods = append(pods, p)
 	}
-	if _, err := node.AddPod(ctx, conformance.PodConfig{Namespace: "ll", Name: "new"}); err != nil {
-		t.Fatal(err)
-	}
+	old, fresh, plain := pods[0], pods[1], pods[2]
+	plainSrv := listenLinkLocal(t, plain)
+	plainLL := netip.AddrPortFrom(linkLocal(t, plain), plainSrv.port)
 	removeIPv6RefusalByHand(t, old)
+	if got, err := linkLocalExchange(ctx, old, plainLL, 5*time.Second); err != nil || got != coreMarker+"\n" {
+		t.Fatalf("%s to %s over %s without the refusal: answer %q, %v; want the plaintext way around that the upgrade closes", old, plain, plainLL, got, err)
+	}
 
-	since := logLen(t, node)
-	if err := node.Restart(ctx); err != nil {
-		t.Fatal(err)
-	}
-	done := waitRecords(t, node, since, 1, "msg", "IPv6 refusal checked")[0]
-	if done.String("pods") != "2" || done.String("unrefused") != "1" {
-		t.Errorf("summary %v, want 2 pods checked and 1 unrefused", done)
-	}
+	// No plugin where the daemon looks: the pod stays as it is, named in a warning.
+	daemonArgs := node.Config.DaemonArgs
+	node.Config.DaemonArgs = append(slices.Clip(daemonArgs), "--cni-bin-dir", t.TempDir())
+	since := restartForRefusal(t, node, "2", "1", "0")
 	l, err := node.Logs()
 	if err != nil {
 		t.Fatal(err)
@@ -234,6 +244,43 @@ func TestIPv6RefusalMissingIsLogged(t *testing.T) {
 	if len(warned) != 1 || warned[0].String("pod") != old.Name || warned[0].String("namespace") != old.Namespace {
 		t.Errorf("warnings %v, want one naming %s", warned, old)
 	}
+
+	node.Config.DaemonArgs = daemonArgs
+	since = restartForRefusal(t, node, "2", "1", "1")
+	l, err = node.Logs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	repaired := l.Since(since).Find("msg", "pod's IPv6 link-local address refused now")
+	if len(repaired) != 1 || repaired[0].String("pod") != old.Name || repaired[0].String("namespace") != old.Namespace {
+		t.Errorf("repairs %v, want one naming %s", repaired, old)
+	}
+	got, err := linkLocalExchange(ctx, old, plainLL, 5*time.Second)
+	if !errors.Is(err, syscall.ECONNREFUSED) || got != "" {
+		t.Errorf("%s to %s over %s after the repair: answer %q, error %v; want the connection refused", old, plain, plainLL, got, err)
+	}
+	// The pod's enrollment and capture were kept: its mesh traffic goes on.
+	freshSrv := listenLinkLocal(t, fresh)
+	target := netip.AddrPortFrom(fresh.IPv4(), freshSrv.port)
+	if got, err := linkLocalExchange(ctx, old, target, 5*time.Second); err != nil || got != coreMarker+"\n" {
+		t.Errorf("%s to %s over %s after the repair: answer %q, %v", old, fresh, target, got, err)
+	}
+}
+
+// restartForRefusal restarts the node's daemon and checks its summary of the IPv6 refusal: how
+// many pods it checked, found without the refusal and repaired. It returns where in the log the
+// restart began.
+func restartForRefusal(t *testing.T, node *conformance.Node, pods, unrefused, repaired string) int {
+	t.Helper()
+	since := logLen(t, node)
+	if err := node.Restart(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	done := waitRecords(t, node, since, 1, "msg", "IPv6 refusal checked")[0]
+	if done.String("pods") != pods || done.String("unrefused") != unrefused || done.String("repaired") != repaired {
+		t.Errorf("summary %v, want %s pods checked, %s unrefused and %s repaired", done, pods, unrefused, repaired)
+	}
+	return since
 }
 
 // removeIPv6RefusalByHand takes the IPv6 chains out of a pod without an IPv6 address, with

@@ -284,6 +284,10 @@ func (n *Node) DaemonArgs() []string {
 		"--workloads", n.WorkloadsPath,
 		"--health-addr", HealthAddr,
 		"--log-level", "debug",
+		// Where it runs meshless-cni itself (adopting pods, repairing their capture): this
+		// node's chain, never the machine's.
+		"--cni-conf-dir", n.ConfDir,
+		"--cni-bin-dir", n.Cluster.Config.Bins.Dir,
 	}
 	for _, p := range n.Config.MeshCIDRs {
 		args = append(args, "--mesh-cidr", p.String())

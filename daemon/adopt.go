@@ -15,6 +15,8 @@ import (
 
 // adoptFlags are the `meshlessd run` flags about pods that run without meshless-cni having seen
 // them (started before meshless was installed, or before the chain came back after a reboot).
+// The CNI directories also serve to run meshless-cni again for pods it has seen, to repair their
+// capture (agent.RefuseIPv6).
 type adoptFlags struct {
 	interval        time.Duration
 	confDir, binDir string

@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
+	"github.com/meshless/meshless/pkg/adopt"
 	"github.com/meshless/meshless/pkg/agent"
 	"github.com/meshless/meshless/pkg/capture"
 	"github.com/meshless/meshless/pkg/enroll"
@@ -251,7 +252,6 @@ func runCmd(args []string, stdout io.Writer) error {
 
 	restored := ag.Restore()
 	go ag.Reconcile(ctx, 5*time.Second)
-	go ag.WarnUnrefusedIPv6()
 	if kv.pods != nil && f.adopt.interval > 0 {
 		go adoptRunning(ctx, f, ag, kv.pods, log)
 	}
@@ -267,6 +267,8 @@ func runCmd(args []string, stdout io.Writer) error {
 	}
 	api := &http.Server{Handler: enrollhttp.Handler(ag), ReadHeaderTimeout: 5 * time.Second}
 	go func() { errc <- serveUntil(ctx, api, sl) }()
+	// After the API serves: the plugin that repairs a pod enrolls it again.
+	go ag.RefuseIPv6(func(p enroll.Pod) error { return adopt.Recapture(ctx, f.adopt.confDir, f.adopt.binDir, p) })
 
 	log.Info("meshlessd ready", append([]any{
 		"node", f.node, "trust_domain", td.Name(), "mode", string(mode), "strict_egress", f.strictEgress,

@@ -2,7 +2,9 @@
 // seen them: pods that were running before meshless was installed, and pods that a rebooted node
 // started before the DaemonSet chained the plugin again. It finds each such pod's network
 // namespace by the pod's IP and runs the chained meshless-cni ADD for it, exactly as the runtime
-// would have: the same configuration, the same enrollment and the same capture rules.
+// would have: the same configuration, the same enrollment and the same capture rules. It also
+// runs that ADD again for pods the plugin has seen (Recapture), to give them rules that a later
+// version added.
 package adopt
 
 import (
@@ -26,6 +28,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/meshless/meshless/pkg/cniconf"
+	"github.com/meshless/meshless/pkg/enroll"
 	"github.com/meshless/meshless/pkg/kube"
 )
 
@@ -172,27 +175,64 @@ func (a *Adopter) adopt(ctx context.Context, p *kube.Pod, network, cniVersion st
 		return err
 	}
 	id := ContainerIDPrefix + string(p.UID)
+	if err := runADD(ctx, a.cfg.CNIBinDir, stdin, enroll.Pod{
+		ContainerID: id, Netns: at.netns, IfName: at.ifName, Namespace: p.Namespace, Name: p.Name, UID: string(p.UID),
+	}); err != nil {
+		return err
+	}
+	a.cfg.Log.Info("running pod adopted", "pod", p.Name, "namespace", p.Namespace, "container_id", id, "netns", at.netns, "interface", at.ifName)
+	return nil
+}
+
+// Recapture runs the chained meshless-cni ADD again for a pod the daemon serves, with the
+// container ID, netns and interface it was enrolled with. The plugin treats it as an ADD the
+// runtime retried: the pod keeps its enrollment and its rules, and gets the chains and jumps
+// they lack. It is how pods that an earlier meshless-cni captured get the rules that came
+// later, without being recreated.
+func Recapture(ctx context.Context, confDir, binDir string, p enroll.Pod) error {
+	list, entry, err := cniconf.Chained(confDir)
+	if err != nil {
+		return err
+	}
+	prev := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{{Name: p.IfName, Sandbox: p.Netns}},
+	}
+	for _, ip := range p.IPs {
+		// The enrollment keeps no prefix length, and the plugin reads only the addresses.
+		bits := ip.BitLen()
+		prev.IPs = append(prev.IPs, &current.IPConfig{Interface: current.Int(0), Address: net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(bits, bits)}})
+	}
+	stdin, err := pluginInput(entry.Bytes, list.Name, list.CNIVersion, prev, p.Annotations)
+	if err != nil {
+		return err
+	}
+	return runADD(ctx, binDir, stdin, p)
+}
+
+// runADD runs binDir's meshless-cni ADD for the pod, with the CNI_ARGS a Kubernetes runtime
+// passes.
+func runADD(ctx context.Context, binDir string, stdin []byte, p enroll.Pod) error {
 	args := &invoke.Args{
 		Command:     "ADD",
-		ContainerID: id,
-		NetNS:       at.netns,
-		IfName:      at.ifName,
-		Path:        a.cfg.CNIBinDir,
+		ContainerID: p.ContainerID,
+		NetNS:       p.Netns,
+		IfName:      p.IfName,
+		Path:        binDir,
 		PluginArgs: [][2]string{
 			{"IgnoreUnknown", "1"},
 			{"K8S_POD_NAMESPACE", p.Namespace},
 			{"K8S_POD_NAME", p.Name},
-			{"K8S_POD_INFRA_CONTAINER_ID", id},
-			{"K8S_POD_UID", string(p.UID)},
+			{"K8S_POD_INFRA_CONTAINER_ID", p.ContainerID},
+			{"K8S_POD_UID", p.UID},
 		},
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	plugin := filepath.Join(a.cfg.CNIBinDir, cniconf.PluginType)
+	plugin := filepath.Join(binDir, cniconf.PluginType)
 	if _, err := invoke.ExecPluginWithResult(ctx, plugin, stdin, args, nil); err != nil {
 		return fmt.Errorf("%s ADD: %w", plugin, err)
 	}
-	a.cfg.Log.Info("running pod adopted", "pod", p.Name, "namespace", p.Namespace, "container_id", id, "netns", at.netns, "interface", at.ifName)
 	return nil
 }
 

@@ -391,13 +391,15 @@ func (a *Agent) stillThere(rec record) error {
 	return nil
 }
 
-// WarnUnrefusedIPv6 logs a warning for each served pod whose IPv6 link-local address is a way
+// RefuseIPv6 gives the IPv6 refusal to each served pod whose IPv6 link-local address is a way
 // around its capture (capture.LacksIPv6Refusal): a pod without an IPv6 address that an earlier
-// meshless-cni captured, before pods got the IPv6 chains that refuse such traffic. Only
-// recreating the pod closes it: its capture's exclusions, which the chains repeat, are not known
-// here. It runs one ip6tables-save in each such pod's netns, so the daemon calls it once, in the
-// background, after Restore; a last line says how many pods it checked and found.
-func (a *Agent) WarnUnrefusedIPv6() {
+// meshless-cni captured, before pods got the IPv6 chains that refuse such traffic. The chains
+// repeat the capture's exclusions, which are known only to the plugin's configuration, so
+// recapture runs the plugin again for the pod (adopt.Recapture); a pod it cannot repair is
+// named in a warning, to be recreated. It runs one ip6tables-save in each pod's netns, so the
+// daemon calls it once, in the background, once it serves enrollments (recapture enrolls the pod
+// again); a last line says how many pods it checked, found and repaired.
+func (a *Agent) RefuseIPv6(recapture func(enroll.Pod) error) {
 	a.mu.Lock()
 	var pods []enroll.Pod
 	for _, pd := range a.pods {
@@ -406,7 +408,7 @@ func (a *Agent) WarnUnrefusedIPv6() {
 		}
 	}
 	a.mu.Unlock()
-	found := 0
+	found, repaired := 0, 0
 	for _, p := range pods {
 		lacks, err := capture.LacksIPv6Refusal(p.Netns, a.cfg.Backend, p.IPs)
 		if errors.Is(err, exec.ErrNotFound) {
@@ -418,13 +420,33 @@ func (a *Agent) WarnUnrefusedIPv6() {
 			a.cfg.Log.Warn("IPv6 refusal not checked", "pod", p.Name, "namespace", p.Namespace, "reason", err)
 			continue
 		}
-		if lacks {
-			found++
-			a.cfg.Log.Warn("pod's IPv6 link-local address is not captured: recreate the pod", "pod", p.Name, "namespace", p.Namespace,
-				"reason", "captured by a meshless-cni older than the IPv6 refusal")
+		if !lacks {
+			continue
 		}
+		found++
+		if err := a.recaptureIPv6(p, recapture); err != nil {
+			a.cfg.Log.Warn("pod's IPv6 link-local address is not captured: recreate the pod", "pod", p.Name, "namespace", p.Namespace,
+				"reason", fmt.Errorf("captured by a meshless-cni older than the IPv6 refusal, and running meshless-cni again did not help: %w", err))
+			continue
+		}
+		repaired++
+		a.cfg.Log.Info("pod's IPv6 link-local address refused now", "pod", p.Name, "namespace", p.Namespace,
+			"reason", "captured by a meshless-cni older than the IPv6 refusal")
 	}
-	a.cfg.Log.Info("IPv6 refusal checked", "pods", len(pods), "unrefused", found)
+	a.cfg.Log.Info("IPv6 refusal checked", "pods", len(pods), "unrefused", found, "repaired", repaired)
+}
+
+// recaptureIPv6 runs recapture for a pod that lacks the IPv6 refusal, and checks that the pod has
+// it afterwards: a meshless-cni in the CNI bin dir older than this daemon succeeds without it.
+func (a *Agent) recaptureIPv6(p enroll.Pod, recapture func(enroll.Pod) error) error {
+	if err := recapture(p); err != nil {
+		return err
+	}
+	lacks, err := capture.LacksIPv6Refusal(p.Netns, a.cfg.Backend, p.IPs)
+	if err == nil && lacks {
+		err = errors.New("meshless-cni ADD succeeded, but the pod still has no IPv6 refusal (is the plugin in the CNI bin dir older than meshlessd?)")
+	}
+	return err
 }
 
 // Reconcile forgets, every interval until ctx ends, the pods whose network
