@@ -107,7 +107,7 @@ func linkLocalNode(t *testing.T, ipv6 bool, mode string) *conformance.Node {
 		NodePrefix: "mlllnode-",
 		PodPrefix:  "mlllpod-",
 		Workloads: map[string]string{
-			"ll/client": "client-sa", "ll/server": "server-sa", "ll/old": "old-sa", "ll/new": "new-sa", "ll/plain": "plain-sa",
+			"ll/client": "client-sa", "ll/server": "server-sa", "ll/old": "old-sa", "ll/new": "new-sa",
 		},
 	})
 	if err != nil {
