@@ -453,8 +453,9 @@ func Check(nsPath string, c Config) error {
 // LacksIPv6Refusal reports whether the pod in the netns at nsPath, which has the addresses podIPs,
 // should have the IPv6 chains that refuse its TCP (a pod without an IPv6 address, see
 // Config.families) but has not, as a pod that an earlier meshless-cni captured: its IPv6
-// link-local address is then a way around the capture until the pod is recreated. It runs one
-// ip6tables-save in the netns and looks for the jump into the outbound refusal.
+// link-local address is then a way around the capture until the rules are applied again or the
+// pod is recreated. A dual-stack pod is never reported: its link-local address is captured. It
+// runs one ip6tables-save in the netns and looks for the jump into the outbound refusal.
 func LacksIPv6Refusal(nsPath string, b Backend, podIPs []netip.Addr) (bool, error) {
 	if (Config{PodIPs: podIPs}).hasIPv6() || !kernelHasIPv6() {
 		return false, nil

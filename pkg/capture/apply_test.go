@@ -230,7 +230,8 @@ func TestIPv4OnlyPodGetsIPv6Chains(t *testing.T) {
 				t.Errorf("Check without the IPv6 chains = %v, want it to report them missing", err)
 			}
 			assertLacksIPv6Refusal(t, path, c, true)
-			// A dual-stack pod's IPv6 chains redirect instead: it never lacks the refusal.
+			// A dual-stack pod's link-local address is captured, no way around: it is never
+			// reported, whatever its filter chain.
 			assertLacksIPv6Refusal(t, path, podConfig(b, true), false)
 			if err := Apply(path, c); err != nil {
 				t.Fatalf("Apply again: %v", err)
