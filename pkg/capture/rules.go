@@ -142,29 +142,26 @@ func chains(c Config, family int) []chain {
 		in = append(in, rule{tcp: true, dport: p})
 	}
 
-	if family == 6 && !c.hasIPv6() {
-		// A pod without an IPv6 address still has an IPv6 link-local one, which the daemon does
-		// not serve (see Config.families): its other IPv6 TCP is refused with a reset, both ways.
-		// Not redirected to a port where nothing listens: a redirect of the pod's own connection
-		// to a link-local address goes to ::1 bound to the pod's interface, which has no route.
-		// Not an ICMPv6 error: the kernel does not deliver one about a link-local destination to
-		// the local socket. Either way the app would wait out its connect timeout.
-		reject := rule{tcp: true, verdict: verdictResetIPv6}
-		// The resets of the inbound refusal leave through OUTPUT: they must not be refused there.
-		out = append(out, rule{tcp: true, rst: true}, reject)
-		return []chain{
-			{table: "filter", name: ChainOutbound, parent: "OUTPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainOutbound}, rules: out},
-			{table: "filter", name: ChainInbound, parent: "INPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainInbound}, rules: append(in, reject)},
-		}
-	}
+	// IPv6 TCP that cannot be captured is refused with a reset, after the same exclusions. Not
+	// redirected to a port where nothing listens: a redirect of the pod's own connection to a
+	// link-local address goes to ::1 bound to the pod's interface, which has no route. Not an
+	// ICMPv6 error: the kernel does not deliver one about a link-local destination to the local
+	// socket. Either way the app would wait out its connect timeout.
 	var refusal []chain
 	if family == 6 {
-		// The pod's own connection to a link-local address cannot be captured: redirected, it
-		// goes to ::1 bound to the pod's interface, which has no route, and the app would wait
-		// out its connect timeout. It is left out of the redirect and refused with a reset, as
-		// above, after the same exclusions.
-		refuse := append(slices.Clip(out), rule{tcp: true, rst: true}, rule{dst: linkLocalIPv6, tcp: true, verdict: verdictResetIPv6})
+		reject := rule{tcp: true, verdict: verdictResetIPv6}
+		if c.hasIPv6() {
+			// A dual-stack pod's own connections to link-local addresses: the rest is captured.
+			reject.dst = linkLocalIPv6
+		}
+		// The resets of the inbound refusal leave through OUTPUT: they must not be refused there.
+		refuse := append(slices.Clip(out), rule{tcp: true, rst: true}, reject)
 		refusal = []chain{{table: "filter", name: ChainOutbound, parent: "OUTPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainOutbound}, rules: refuse}}
+		if !c.hasIPv6() {
+			// A pod without an IPv6 address still has an IPv6 link-local one, which the daemon
+			// does not serve (see Config.families): all its IPv6 TCP is refused, both ways.
+			return append(refusal, chain{table: "filter", name: ChainInbound, parent: "INPUT", jump: rule{tcp: true, verdict: verdictJump, jumpTo: ChainInbound}, rules: append(in, reject)})
+		}
 		out = append(out, rule{dst: linkLocalIPv6})
 	}
 	out = append(out, rule{tcp: true, verdict: verdictRedirect, toPort: OutboundPort})
