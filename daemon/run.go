@@ -328,18 +328,24 @@ func healthHandler(ag *agent.Agent, proxy *tunnel.Proxy, pods *kube.Pods) http.H
 		fmt.Fprintln(w, "ready")
 	})
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		st := ag.Status(r.Context())
-		s := proxy.Stats()
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		fmt.Fprintf(w, "# HELP meshless_pods_enrolled Pods enrolled on this node.\n# TYPE meshless_pods_enrolled gauge\nmeshless_pods_enrolled %d\n", st.Pods)
-		fmt.Fprintf(w, "# HELP meshless_connections_open Connections being proxied.\n# TYPE meshless_connections_open gauge\nmeshless_connections_open %d\n", s.Open.Load())
-		fmt.Fprintf(w, "# HELP meshless_connections_total Connections proxied, ended.\n# TYPE meshless_connections_total counter\nmeshless_connections_total %d\n", s.Total.Load())
-		fmt.Fprintf(w, "# HELP meshless_connections_failed_total Connections refused or failed.\n# TYPE meshless_connections_failed_total counter\nmeshless_connections_failed_total %d\n", s.Failed.Load())
-		fmt.Fprintf(w, "# HELP meshless_connections_plaintext_total Connections carried in plaintext (egress outside the mesh, permissive inbound).\n# TYPE meshless_connections_plaintext_total counter\nmeshless_connections_plaintext_total %d\n", s.Plaintext.Load())
-		bulk := tunnel.BulkBuffers()
-		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_lent Large relay buffers lent to streaming connections now.\n# TYPE meshless_relay_bulk_buffers_lent gauge\nmeshless_relay_bulk_buffers_lent %d\n", bulk.Lent)
-		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_max Large relay buffers that the memory budget lets be lent at once.\n# TYPE meshless_relay_bulk_buffers_max gauge\nmeshless_relay_bulk_buffers_max %d\n", bulk.Max)
-		fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_denied_total Times a streaming connection got a one-record buffer because the large buffers' memory budget was spent.\n# TYPE meshless_relay_bulk_buffers_denied_total counter\nmeshless_relay_bulk_buffers_denied_total %d\n", bulk.Denied)
+		writeMetrics(w, ag.Status(r.Context()).Pods, proxy.Stats(), tunnel.BulkBuffers())
 	})
 	return mux
+}
+
+// writeMetrics writes the daemon's metrics in the Prometheus text format.
+func writeMetrics(w io.Writer, pods int, s *tunnel.Stats, bulk tunnel.BulkBufferStats) {
+	fmt.Fprintf(w, "# HELP meshless_pods_enrolled Pods enrolled on this node.\n# TYPE meshless_pods_enrolled gauge\nmeshless_pods_enrolled %d\n", pods)
+	fmt.Fprintf(w, "# HELP meshless_connections_open Connections being proxied.\n# TYPE meshless_connections_open gauge\nmeshless_connections_open %d\n", s.Open.Load())
+	fmt.Fprintf(w, "# HELP meshless_connections_total Connections proxied, ended.\n# TYPE meshless_connections_total counter\nmeshless_connections_total %d\n", s.Total.Load())
+	fmt.Fprintf(w, "# HELP meshless_connections_failed_total Connections refused or failed.\n# TYPE meshless_connections_failed_total counter\nmeshless_connections_failed_total %d\n", s.Failed.Load())
+	fmt.Fprintf(w, "# HELP meshless_connections_plaintext_total Connections carried in plaintext (egress outside the mesh, permissive inbound).\n# TYPE meshless_connections_plaintext_total counter\nmeshless_connections_plaintext_total %d\n", s.Plaintext.Load())
+	fmt.Fprintf(w, "# HELP meshless_tls_handshakes_total mTLS handshakes completed, as the client (outbound) and as the server (inbound).\n# TYPE meshless_tls_handshakes_total counter\n")
+	fmt.Fprintf(w, "meshless_tls_handshakes_total{direction=\"outbound\"} %d\nmeshless_tls_handshakes_total{direction=\"inbound\"} %d\n", s.Outbound.Total.Load(), s.Inbound.Total.Load())
+	fmt.Fprintf(w, "# HELP meshless_tls_handshakes_resumed_total mTLS handshakes completed that resumed a session, so that no certificate was sent, signed or verified.\n# TYPE meshless_tls_handshakes_resumed_total counter\n")
+	fmt.Fprintf(w, "meshless_tls_handshakes_resumed_total{direction=\"outbound\"} %d\nmeshless_tls_handshakes_resumed_total{direction=\"inbound\"} %d\n", s.Outbound.Resumed.Load(), s.Inbound.Resumed.Load())
+	fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_lent Large relay buffers lent to streaming connections now.\n# TYPE meshless_relay_bulk_buffers_lent gauge\nmeshless_relay_bulk_buffers_lent %d\n", bulk.Lent)
+	fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_max Large relay buffers that the memory budget lets be lent at once.\n# TYPE meshless_relay_bulk_buffers_max gauge\nmeshless_relay_bulk_buffers_max %d\n", bulk.Max)
+	fmt.Fprintf(w, "# HELP meshless_relay_bulk_buffers_denied_total Times a streaming connection got a one-record buffer because the large buffers' memory budget was spent.\n# TYPE meshless_relay_bulk_buffers_denied_total counter\nmeshless_relay_bulk_buffers_denied_total %d\n", bulk.Denied)
 }

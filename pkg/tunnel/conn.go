@@ -26,6 +26,13 @@ const (
 	resultHandshakeFailed = "handshake_failed"
 )
 
+// The directions of a proxied connection, as the connection log names them: the pod's app opened
+// it, or it arrived for the pod.
+const (
+	dirOutbound = "outbound"
+	dirInbound  = "inbound"
+)
+
 // flow is the log record of one proxied connection.
 type flow struct {
 	direction string
@@ -41,11 +48,12 @@ type flow struct {
 	up, down int64
 }
 
-// handshake records what the verified handshake established.
-func (f *flow) handshake(cs tls.ConnectionState) {
+// handshook records what the verified handshake of f established, and counts it.
+func (t *PodTunnel) handshook(f *flow, cs tls.ConnectionState) {
 	f.peer, _ = meshtls.PeerID(cs)
 	f.group = cs.CurveID
 	f.resumed = cs.DidResume
+	t.proxy.stats.handshake(f.direction, f.resumed)
 }
 
 func (t *PodTunnel) finish(f *flow, result string, reason error) {
@@ -85,7 +93,7 @@ func (t *PodTunnel) finish(f *flow, result string, reason error) {
 // pod's identity when the destination is in the mesh, in plaintext otherwise
 // (unless egress is strict).
 func (t *PodTunnel) outbound(app *net.TCPConn) {
-	f, ok := t.begin("outbound", app)
+	f, ok := t.begin(dirOutbound, app)
 	if !ok {
 		return
 	}
@@ -127,7 +135,7 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 		t.finish(f, resultHandshakeFailed, err)
 		return
 	}
-	f.handshake(conn.ConnectionState())
+	t.handshook(f, conn.ConnectionState())
 	f.up, f.down, err = relay(app, conn, abort)
 	t.finish(f, relayResult(err), err)
 }
@@ -136,7 +144,7 @@ func (t *PodTunnel) outbound(app *net.TCPConn) {
 // meshless's ALPN is terminated as the pod's identity; anything else is
 // plaintext from outside the mesh, refused in strict mode.
 func (t *PodTunnel) inbound(client *net.TCPConn) {
-	f, ok := t.begin("inbound", client)
+	f, ok := t.begin(dirInbound, client)
 	if !ok {
 		return
 	}
@@ -192,7 +200,7 @@ func (t *PodTunnel) inbound(client *net.TCPConn) {
 	}
 	var from stream = client
 	if mesh {
-		f.handshake(conn.ConnectionState())
+		t.handshook(f, conn.ConnectionState())
 		from = conn
 	}
 	t.toApp(f, client, from, app, seen)

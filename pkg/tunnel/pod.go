@@ -44,6 +44,27 @@ type Stats struct {
 	Total     atomic.Int64
 	Failed    atomic.Int64
 	Plaintext atomic.Int64
+	// Outbound and Inbound count the mTLS handshakes that completed as the client and as the
+	// server. Resumption is what keeps new connections cheap (no certificates sent, signed or
+	// verified), so a falling share of resumed handshakes is worth an operator's attention.
+	Outbound, Inbound Handshakes
+}
+
+// Handshakes counts the completed mTLS handshakes of one direction.
+type Handshakes struct {
+	Total   atomic.Int64
+	Resumed atomic.Int64 // those that resumed a session
+}
+
+func (s *Stats) handshake(direction string, resumed bool) {
+	h := &s.Inbound
+	if direction == dirOutbound {
+		h = &s.Outbound
+	}
+	h.Total.Add(1)
+	if resumed {
+		h.Resumed.Add(1)
+	}
 }
 
 // New returns a Proxy for cfg, filling in default timeouts.

@@ -348,6 +348,7 @@ func TestPodsMultipathTCPApp(t *testing.T) {
 
 // TestPodsNewConnections opens connections one after another, so that every one after the first
 // resumes a session, on both sides; each must reach the server from the client pod's own address.
+// The log lines and the proxy's handshake counters must say so.
 func TestPodsNewConnections(t *testing.T) {
 	p := newPodPair(t)
 	const conns = 5
@@ -366,6 +367,12 @@ func TestPodsNewConnections(t *testing.T) {
 	for _, dir := range []string{"outbound", "inbound"} {
 		if resumed[dir] != conns-1 {
 			t.Errorf("%s: %d handshakes resumed a session, want %d: %v", dir, resumed[dir], conns-1, lines)
+		}
+	}
+	stats := p.proxy.Stats()
+	for dir, h := range map[string]*Handshakes{"outbound": &stats.Outbound, "inbound": &stats.Inbound} {
+		if total, resumed := h.Total.Load(), h.Resumed.Load(); total != conns || resumed != conns-1 {
+			t.Errorf("%s handshakes counted: %d, %d resumed; want %d, %d resumed", dir, total, resumed, conns, conns-1)
 		}
 	}
 }
