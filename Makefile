@@ -63,12 +63,12 @@ test: deps bench-deps spire-binaries kube-binaries lint
 	$(MAKE) e2e-k8s
 
 # The unit tests of the packages whose goroutines share state (the data path, the daemon's pods
-# and enrollment API, the TLS configs and session caches, the Kubernetes and SPIRE watchers, the
-# capture's parallel install) again under the race detector, which needs cgo. The plugin's own
-# tests are left out: they start the plugin as a process of its own for every CNI call, and an
-# instrumented process takes about a second to start (their pass alone took 127 s).
-RACE_PKGS := ./pkg/tunnel ./pkg/agent ./pkg/tls ./pkg/kube ./pkg/spire ./pkg/capture \
-	./pkg/enroll ./pkg/enrollhttp ./pkg/adopt ./daemon
+# and enrollment API, the TLS configs and session caches, the Kubernetes, SPIRE and conflist
+# watchers, the capture's parallel install) again under the race detector, which needs cgo. The
+# plugin's own tests are left out: they start the plugin as a process of its own for every CNI
+# call, and an instrumented process takes about a second to start (their pass alone took 127 s).
+RACE_PKGS := ./pkg/tunnel ./pkg/agent ./pkg/tls ./pkg/kube ./pkg/spire ./pkg/cniconf \
+	./pkg/capture ./pkg/enroll ./pkg/enrollhttp ./pkg/adopt ./daemon
 race: spire-binaries kube-binaries
 	scripts/deps.sh gcc libc6-dev
 	CGO_ENABLED=1 $(GOTEST) -race $(RACE_PKGS)

@@ -45,8 +45,8 @@ type Stats struct {
 	Failed    atomic.Int64
 	Plaintext atomic.Int64
 	// Outbound and Inbound count the mTLS handshakes that completed as the client and as the
-	// server. Resumption is what keeps new connections cheap (no certificates sent, signed or
-	// verified), so a falling share of resumed handshakes is worth an operator's attention.
+	// server. A resumed one sends, signs and verifies no certificate, so a falling share of
+	// resumed handshakes makes every new connection dearer: worth an operator's attention.
 	Outbound, Inbound Handshakes
 }
 
