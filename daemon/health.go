@@ -52,7 +52,10 @@ type healthReporter struct {
 	log *slog.Logger
 
 	// Totals at the previous line, so that each line tells what happened since.
-	last struct{ total, failed, plaintext, warnings, errors, bulkDenied int64 }
+	last struct {
+		total, failed, plaintext, warnings, errors, bulkDenied int64
+		handshakes, resumed                                    int64
+	}
 }
 
 // run logs a summary every interval until ctx ends.
@@ -74,6 +77,8 @@ func (h *healthReporter) run(ctx context.Context, interval time.Duration) {
 func (h *healthReporter) report(ctx context.Context) {
 	st := h.agent.Status(ctx)
 	total, failed, plaintext := h.stats.Total.Load(), h.stats.Failed.Load(), h.stats.Plaintext.Load()
+	handshakes := h.stats.Outbound.Total.Load() + h.stats.Inbound.Total.Load()
+	resumed := h.stats.Outbound.Resumed.Load() + h.stats.Inbound.Resumed.Load()
 	warnings, errs := h.counts.warnings.Load(), h.counts.errors.Load()
 	bulk := h.bulk()
 
@@ -102,6 +107,7 @@ func (h *healthReporter) report(ctx context.Context) {
 		"connections", total - h.last.total,
 		"connections_failed", failed - h.last.failed,
 		"connections_plaintext", plaintext - h.last.plaintext,
+		"handshakes", handshakes - h.last.handshakes, "handshakes_resumed", resumed - h.last.resumed,
 		"bulk_buffers_lent", bulk.Lent, "bulk_buffers_denied", bulk.Denied - h.last.bulkDenied,
 		"certificates", certs, "certificates_unavailable", certErrors, "certificates_renewal_overdue", overdue,
 		"errors", errs - h.last.errors, "warnings", warnings - h.last.warnings,
@@ -116,5 +122,6 @@ func (h *healthReporter) report(ctx context.Context) {
 	}
 	h.last.total, h.last.failed, h.last.plaintext, h.last.warnings, h.last.errors = total, failed, plaintext, warnings, errs
 	h.last.bulkDenied = bulk.Denied
+	h.last.handshakes, h.last.resumed = handshakes, resumed
 	h.log.Log(ctx, level, "meshlessd health", attrs...)
 }

@@ -52,11 +52,17 @@ func TestHealthLineCountsSinceTheLastLine(t *testing.T) {
 	stats.Total.Add(7)
 	stats.Failed.Add(2)
 	stats.Open.Add(3)
+	stats.Outbound.Total.Add(4)
+	stats.Outbound.Resumed.Add(3)
+	stats.Inbound.Total.Add(2)
+	stats.Inbound.Resumed.Add(1)
 	bulk = tunnel.BulkBufferStats{Lent: 2, Max: 120, Denied: 5}
 	log.Error("something broke", "reason", "test")
 	log.Warn("something odd", "reason", "test")
 	hr.report(ctx)
 	stats.Total.Add(1)
+	stats.Outbound.Total.Add(1)
+	stats.Outbound.Resumed.Add(1)
 	bulk = tunnel.BulkBufferStats{Lent: 0, Max: 120, Denied: 6}
 	hr.report(ctx)
 
@@ -65,8 +71,8 @@ func TestHealthLineCountsSinceTheLastLine(t *testing.T) {
 		t.Fatalf("%d health lines, want 2:\n%s", len(lines), buf.String())
 	}
 	want := []map[string]any{
-		{"level": "WARN", "ready": true, "connections": 7.0, "connections_failed": 2.0, "connections_open": 3.0, "errors": 1.0, "warnings": 1.0, "pods_enrolled": 0.0, "bulk_buffers_lent": 2.0, "bulk_buffers_denied": 5.0},
-		{"level": "INFO", "ready": true, "connections": 1.0, "connections_failed": 0.0, "connections_open": 3.0, "errors": 0.0, "warnings": 0.0, "certificates": 0.0, "bulk_buffers_lent": 0.0, "bulk_buffers_denied": 1.0},
+		{"level": "WARN", "ready": true, "connections": 7.0, "connections_failed": 2.0, "connections_open": 3.0, "errors": 1.0, "warnings": 1.0, "pods_enrolled": 0.0, "bulk_buffers_lent": 2.0, "bulk_buffers_denied": 5.0, "handshakes": 6.0, "handshakes_resumed": 4.0},
+		{"level": "INFO", "ready": true, "connections": 1.0, "connections_failed": 0.0, "connections_open": 3.0, "errors": 0.0, "warnings": 0.0, "certificates": 0.0, "bulk_buffers_lent": 0.0, "bulk_buffers_denied": 1.0, "handshakes": 1.0, "handshakes_resumed": 1.0},
 	}
 	for i, w := range want {
 		for k, v := range w {
