@@ -92,7 +92,6 @@ func linkLocalExchange(ctx context.Context, from *conformance.Pod, target netip.
 type linkLocalAttempt struct {
 	name     string
 	from     *conformance.Pod
-	fromMesh bool
 	target   netip.AddrPort
 	accepted chan netip.AddrPort
 }
@@ -155,9 +154,9 @@ func setupLinkLocal(t *testing.T, ipv6 bool, mode string) []linkLocalAttempt {
 	<-plainSrv.accepted
 
 	return []linkLocalAttempt{
-		{"mesh pod to mesh pod", client, true, serverLL, serverSrv.accepted},
-		{"plain pod to mesh pod", plainA, false, serverLL, serverSrv.accepted},
-		{"mesh pod to plain pod", client, true, plainLL, plainSrv.accepted},
+		{"mesh pod to mesh pod", client, serverLL, serverSrv.accepted},
+		{"plain pod to mesh pod", plainA, serverLL, serverSrv.accepted},
+		{"mesh pod to plain pod", client, plainLL, plainSrv.accepted},
 	}
 }
 
@@ -191,7 +190,7 @@ func TestIPv6LinkLocal(t *testing.T) {
 	t.Run("dual-stack pods", func(t *testing.T) {
 		for _, a := range setupLinkLocal(t, true, conformance.ModeStrict) {
 			got, err := linkLocalExchange(testCtx(t), a.from, a.target, 2*time.Second)
-			if a.fromMesh {
+			if a.from.Mesh {
 				if !errors.Is(err, syscall.ECONNREFUSED) || got != "" {
 					t.Errorf("%s over %s: answer %q, error %v; want the connection refused", a.name, a.target, got, err)
 				}
