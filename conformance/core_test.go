@@ -205,6 +205,41 @@ func TestCoreStrict(t *testing.T) {
 		}
 	})
 
+	t.Run("metrics_count_the_traffic", func(t *testing.T) {
+		// The first exchange gives the client a session ticket, so that the counted ones resume
+		// even when this subtest runs alone.
+		exchange(t, e.client, e.target, conformance.ModeEcho, conformance.ClientOptions{Bytes: 10})
+		before := settledMetrics(t, e.node, nil)
+		const exchanges = 3
+		for range exchanges {
+			exchange(t, e.client, e.target, conformance.ModeEcho, conformance.ClientOptions{Bytes: 100})
+		}
+		// Each exchange is one connection out of the client pod and one into the server pod.
+		after := settledMetrics(t, e.node, func(m map[string]float64) bool {
+			return m["meshless_connections_total"]-before["meshless_connections_total"] >= 2*exchanges
+		})
+		if got := after["meshless_pods_enrolled"]; got != 2 {
+			t.Errorf("meshless_pods_enrolled = %v, want 2 (client and server; the outsider has no meshless-cni)", got)
+		}
+		for name, want := range map[string]float64{
+			"meshless_connections_total":                                  2 * exchanges,
+			"meshless_connections_failed_total":                           0,
+			"meshless_connections_plaintext_total":                        0,
+			`meshless_tls_handshakes_total{direction="outbound"}`:         exchanges,
+			`meshless_tls_handshakes_total{direction="inbound"}`:          exchanges,
+			`meshless_tls_handshakes_resumed_total{direction="outbound"}`: exchanges,
+			`meshless_tls_handshakes_resumed_total{direction="inbound"}`:  exchanges,
+		} {
+			if _, ok := after[name]; !ok {
+				t.Errorf("%s missing from /metrics", name)
+				continue
+			}
+			if got := after[name] - before[name]; got != want {
+				t.Errorf("%s grew by %v over %d exchanges, want %v", name, got, exchanges, want)
+			}
+		}
+	})
+
 	t.Run("plaintext_from_outside_refused", func(t *testing.T) {
 		ctx := testCtx(t)
 		res, err := e.plain.Client(ctx, e.target, conformance.ModeEcho, conformance.ClientOptions{Bytes: 64, Timeout: 30 * time.Second})
@@ -479,5 +514,31 @@ func TestCoreDaemonRestart(t *testing.T) {
 			}
 			requireTLSOnly(t, tr, e.client.IPv4(), e.server.IPv4(), corePort, coreMarker)
 		})
+	}
+}
+
+// settledMetrics reads the node's /metrics until no connection is open (a connection is counted
+// in meshless_connections_total when it ends) and done, if given, accepts the samples.
+func settledMetrics(t *testing.T, node *conformance.Node, done func(map[string]float64) bool) map[string]float64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(testCtx(t), 15*time.Second)
+	defer cancel()
+	var last map[string]float64
+	for {
+		m, err := node.Metrics(ctx)
+		if err != nil && ctx.Err() == nil {
+			t.Fatal(err)
+		}
+		if err == nil {
+			if m["meshless_connections_open"] == 0 && (done == nil || done(m)) {
+				return m
+			}
+			last = m
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("/metrics did not settle within 15s; last read: %v", last)
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package conformance
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -19,6 +21,7 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/common/expfmt"
 )
 
 // Fixed names inside a node's network namespace (each node has its own, so they cannot clash).
@@ -374,10 +377,51 @@ func (n *Node) Daemon() *Process {
 
 // Ready asks meshlessd's /readyz, from inside the node's namespace where it listens.
 func (n *Node) Ready(ctx context.Context) error {
-	return n.healthGet(ctx, "/readyz")
+	_, err := n.healthGet(ctx, "/readyz")
+	return err
 }
 
-func (n *Node) healthGet(ctx context.Context, path string) error {
+// Metrics reads meshlessd's /metrics, as Prometheus would scrape it, and returns every sample
+// by its name and labels in the text format's notation: `meshless_pods_enrolled`,
+// `meshless_tls_handshakes_total{direction="inbound"}`. A body that Prometheus's own parser
+// rejects is an error.
+func (n *Node) Metrics(ctx context.Context) (map[string]float64, error) {
+	body, err := n.healthGet(ctx, "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	var parser expfmt.TextParser
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		return nil, fmt.Errorf("/metrics on %s is not the Prometheus text format: %w", n.Name, err)
+	}
+	samples := make(map[string]float64)
+	for name, f := range families {
+		for _, m := range f.GetMetric() {
+			var labels []string
+			for _, l := range m.GetLabel() {
+				labels = append(labels, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+			}
+			key := name
+			if len(labels) > 0 {
+				slices.Sort(labels)
+				key += "{" + strings.Join(labels, ",") + "}"
+			}
+			switch {
+			case m.GetCounter() != nil:
+				samples[key] = m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				samples[key] = m.GetGauge().GetValue()
+			default:
+				return nil, fmt.Errorf("/metrics on %s: %s is neither a counter nor a gauge", n.Name, key)
+			}
+		}
+	}
+	return samples, nil
+}
+
+// healthGet GETs path from meshlessd's health server and returns the body of a 200 answer.
+func (n *Node) healthGet(ctx context.Context, path string) ([]byte, error) {
 	client := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return n.Dial(ctx, network, addr)
@@ -386,18 +430,21 @@ func (n *Node) healthGet(ctx context.Context, path string) error {
 	}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+HealthAddr+path, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
+		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(body)))
 	}
-	return nil
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", path, err)
+	}
+	return body, nil
 }
 
 func (n *Node) waitReady(ctx context.Context, p *Process) error {
