@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -21,7 +20,8 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/prometheus/common/expfmt"
+
+	"github.com/meshless/meshless/internal/promtest"
 )
 
 // Fixed names inside a node's network namespace (each node has its own, so they cannot clash).
@@ -382,40 +382,16 @@ func (n *Node) Ready(ctx context.Context) error {
 }
 
 // Metrics reads meshlessd's /metrics, as Prometheus would scrape it, and returns every sample
-// by its name and labels in the text format's notation: `meshless_pods_enrolled`,
-// `meshless_tls_handshakes_total{direction="inbound"}`. A body that Prometheus's own parser
-// rejects is an error.
+// by its name and labels (see promtest.Parse). A body that Prometheus's own parser rejects is
+// an error.
 func (n *Node) Metrics(ctx context.Context) (map[string]float64, error) {
 	body, err := n.healthGet(ctx, "/metrics")
 	if err != nil {
 		return nil, err
 	}
-	var parser expfmt.TextParser
-	families, err := parser.TextToMetricFamilies(bytes.NewReader(body))
+	samples, err := promtest.Parse(bytes.NewReader(body))
 	if err != nil {
-		return nil, fmt.Errorf("/metrics on %s is not the Prometheus text format: %w", n.Name, err)
-	}
-	samples := make(map[string]float64)
-	for name, f := range families {
-		for _, m := range f.GetMetric() {
-			var labels []string
-			for _, l := range m.GetLabel() {
-				labels = append(labels, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
-			}
-			key := name
-			if len(labels) > 0 {
-				slices.Sort(labels)
-				key += "{" + strings.Join(labels, ",") + "}"
-			}
-			switch {
-			case m.GetCounter() != nil:
-				samples[key] = m.GetCounter().GetValue()
-			case m.GetGauge() != nil:
-				samples[key] = m.GetGauge().GetValue()
-			default:
-				return nil, fmt.Errorf("/metrics on %s: %s is neither a counter nor a gauge", n.Name, key)
-			}
-		}
+		return nil, fmt.Errorf("/metrics on %s: %w", n.Name, err)
 	}
 	return samples, nil
 }
